@@ -1,0 +1,74 @@
+"""Loading a model directory (or the embedded default) together with its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unmask.errors import UnmaskError
+from unmask.models.io import load_model
+from unmask.models.transformer import Transformer
+from unmask.tokenizer import Tokenizer
+
+
+def default_model_dir() -> Path:
+    """The small model shipped inside the package, used when no model is named."""
+    return Path(str(resources.files("unmask") / "assets" / "default"))
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The training record written beside the weights (empty when there is none)."""
+        record = self.path / "training.json"
+        if not record.is_file():
+            return {}
+        try:
+            return json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise UnmaskError(f"unknown device {device!r} ({exc})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UnmaskError(f"device {device!r} requested but no CUDA device is available")
+    return resolved
+
+
+def load(
+    path: str | Path | None = None, device: str | None = "auto", dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Model + tokenizer from a model directory; ``None`` means the embedded default model.
+
+    Weights keep their stored dtype unless ``dtype`` is given, except that half-precision
+    weights are widened to float32 on the CPU, where float32 is both faster and exact.
+    """
+    directory = default_model_dir() if path is None else Path(path).expanduser()
+    if not directory.is_dir():
+        raise UnmaskError(f"{directory}: model directory not found")
+    device_ = resolve_device(device)
+    if dtype is None and device_.type == "cpu":
+        dtype = torch.float32
+    model = load_model(directory, device=device_, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(directory)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UnmaskError(
+            f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
+    return LoadedModel(model=model, tokenizer=tokenizer, path=directory)
