@@ -1,0 +1,58 @@
+"""Decoding on token ids: masked-diffusion block/step loop, commit policies, AR decoding.
+
+``decode`` picks the right loop for a model: AR for causal models, diffusion otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from unmask.decoding.ar import ar_generate
+from unmask.decoding.generate import (
+    Canvas,
+    GenerationConfig,
+    GenerationResult,
+    LogitsFn,
+    StepEvent,
+    full_forward,
+    generate,
+    infill,
+)
+from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
+from unmask.decoding.sampling import Predictions, filter_logits, predict
+
+__all__ = [
+    "Canvas",
+    "GenerationConfig",
+    "GenerationResult",
+    "LogitsFn",
+    "POLICIES",
+    "Policy",
+    "Predictions",
+    "StepEvent",
+    "StepPlan",
+    "ar_generate",
+    "decode",
+    "filter_logits",
+    "full_forward",
+    "generate",
+    "infill",
+    "make_policy",
+    "predict",
+]
+
+
+def decode(
+    model: nn.Module,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    *,
+    seeds: list[int] | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> GenerationResult:
+    """AR decoding for causal models, masked-diffusion decoding for bidirectional and block-causal ones."""
+    if model.config.attention == "causal":
+        return ar_generate(model, prompts, config, seeds=seeds, on_step=on_step)
+    return generate(model, prompts, config, seeds=seeds, on_step=on_step)

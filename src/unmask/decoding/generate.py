@@ -1,0 +1,415 @@
+"""Masked-diffusion decoding: a canvas of ``[MASK]`` tokens filled in block by block, step by step.
+
+Canvas = prompt + N masks (+ suffix when infilling), left-padded across the batch. Blocks of
+the generated region are finished one after another (semi-autoregressive); inside a block every
+step runs the model once, predicts each masked position and lets a policy pick which predictions
+to commit. Works on token ids only. The per-step model call is a swappable ``LogitsFn`` so that
+caching strategies can replace the full-canvas forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
+from unmask.decoding.sampling import predict
+from unmask.errors import UnmaskError
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode; shared by diffusion and AR decoding."""
+
+    max_new_tokens: int = 128  # canvas length N (for infill: the middle's length)
+    block_size: int | None = 32  # semi-AR block; None or >= N = pure diffusion (one block)
+    steps: int | None = None  # total denoising steps over the canvas; None = one token per step; for threshold/factor: a cap only
+    policy: str = "confidence"  # random | random_count | confidence | margin | entropy | threshold | factor
+    threshold: float = 0.9  # tau for `threshold`
+    factor: float = 1.0  # f for `factor`
+    temperature: float = 0.0  # 0 = greedy (argmax); > 0 = sample from the tempered softmax
+    top_k: int | None = None  # keep only the k most probable tokens before sampling
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+    seed: int | None = None  # per-row seed; same seed -> same output alone or in a batch
+    stop_at_eos: bool = True  # end a row once EOS is committed and everything before it is decided
+    trace: bool = False  # keep a copy of the canvas after every step
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise UnmaskError(f"invalid generation config: {msg}")
+
+        need(self.policy in POLICIES, f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        need(self.block_size is None or self.block_size >= 1, f"block_size must be >= 1 or None, got {self.block_size}")
+        need(self.steps is None or self.steps >= 1, f"steps must be >= 1 or None, got {self.steps}")
+        need(0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}")
+        need(self.factor > 0, f"factor must be > 0, got {self.factor}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
+        need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class StepEvent:
+    """Sent to ``on_step`` after every step (live views, streaming)."""
+
+    step: int  # 0-based index of the step just taken
+    nfe: int  # model forward calls so far
+    canvas: Tensor  # [B, N] generated region; ``mask_id`` where still undecided
+    committed: Tensor  # [B, N] bool: positions this step wrote
+    done: Tensor  # [B] bool: rows that need no more steps
+    mask_id: int  # the id marking undecided positions in ``canvas``
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[list[int]]  # generated ids per row, without trailing EOS/pad/mask
+    finish_reasons: list[str]  # "stop" when EOS ended the row, else "length"
+    nfe: int  # model forward calls (a batched call counts once)
+    steps: list[int]  # steps (forward calls taken part in) per row
+    tokens_per_forward: float  # generated tokens per forward call of a row (= tokens / nfe at batch 1)
+    trace: list[Tensor] | None = None  # [B, N] canvas after every step when config.trace
+    elapsed: float = 0.0  # wall-clock seconds
+
+
+@dataclass
+class Canvas:
+    """The token grid every step works on."""
+
+    ids: Tensor  # [B, T] left padding, prompt/prefix, generated region, suffix, right padding
+    positions: Tensor  # [B, T] position of each token in its own unpadded sequence
+    valid: Tensor | None  # [B, T] False on padding; None when there is none
+    start: int  # index of the generated region's first slot
+    length: int  # N, the generated region's length
+
+    @property
+    def region(self) -> Tensor:
+        return self.ids[:, self.start : self.start + self.length]
+
+
+# (canvas, rows or None for all rows, slice of source positions) -> logits [rows, window, V]
+LogitsFn = Callable[[Canvas, "Tensor | None", slice], Tensor]
+
+
+def full_forward(model: nn.Module) -> LogitsFn:
+    """Recompute the whole canvas every step (no cache)."""
+
+    def forward(canvas: Canvas, rows: Tensor | None, window: slice) -> Tensor:
+        ids, positions, valid = canvas.ids, canvas.positions, canvas.valid
+        if rows is not None:
+            ids, positions = ids[rows], positions[rows]
+            valid = None if valid is None else valid[rows]
+        return model(ids, positions, valid, logits_index=window)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device(getattr(model, "device", "cpu"))
+
+
+def end_ids(model_config) -> list[int]:
+    """Tokens that end a sequence: EOS, and pad (which a model may use to close an infill)."""
+    return sorted({i for i in (model_config.eos_token_id, model_config.pad_token_id) if i is not None})
+
+
+def row_generators(n: int, config: GenerationConfig, seeds: list[int] | None) -> list[torch.Generator]:
+    """One CPU generator per row, seeded with ``seeds[r]``, else ``config.seed``, else a fresh seed."""
+    if seeds is not None and len(seeds) != n:
+        raise UnmaskError(f"got {len(seeds)} seeds for {n} prompts")
+    gens = []
+    for r in range(n):
+        seed = seeds[r] if seeds is not None else config.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        gens.append(torch.Generator().manual_seed(int(seed)))
+    return gens
+
+
+def check_prompts(model: nn.Module, parts: list[list[int]], extra: list[int], what: str = "prompt") -> None:
+    """Token ids inside the vocabulary, and each row's total length within ``max_seq_len``."""
+    mc = model.config
+    if not parts:
+        raise UnmaskError(f"no {what}s given")
+    for r, (ids, more) in enumerate(zip(parts, extra)):
+        bad = [t for t in ids if not 0 <= t < mc.vocab_size]
+        if bad:
+            raise UnmaskError(f"{what} {r}: token id {bad[0]} outside the vocabulary of size {mc.vocab_size}")
+        if len(ids) + more > mc.max_seq_len:
+            raise UnmaskError(
+                f"{what} {r}: {len(ids)} tokens + {more} more exceed the model's max_seq_len {mc.max_seq_len}"
+            )
+
+
+def pad_batch(left: list[list[int]], middle: int, fill: int, right: list[list[int]], pad: int, device) -> Canvas:
+    """Left-pad ``left`` parts, then ``middle`` slots of ``fill``, then right parts, right-padded."""
+    width_l = max(len(x) for x in left)
+    width_r = max(len(x) for x in right)
+    ids, valid = [], []
+    for lft, rgt in zip(left, right):
+        pl, pr = width_l - len(lft), width_r - len(rgt)
+        ids.append([pad] * pl + lft + [fill] * middle + rgt + [pad] * pr)
+        valid.append([False] * pl + [True] * (len(lft) + middle + len(rgt)) + [False] * pr)
+    ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+    valid_t = torch.tensor(valid, dtype=torch.bool, device=device)
+    positions = (valid_t.long().cumsum(dim=1) - 1).clamp(min=0)
+    return Canvas(ids_t, positions, None if bool(valid_t.all()) else valid_t, width_l, middle)
+
+
+def finish(region: list[list[int]], ends: list[int], stop_at_eos: bool) -> tuple[list[list[int]], list[str]]:
+    """Trim each row: cut at the first end token (stop_at_eos) or drop trailing end tokens."""
+    sequences, reasons = [], []
+    for row in region:
+        cut = next((i for i, t in enumerate(row) if t in ends), None) if stop_at_eos else None
+        if cut is not None:
+            sequences.append(row[:cut])
+            reasons.append("stop")
+            continue
+        while row and row[-1] in ends:
+            row = row[:-1]
+        sequences.append(row)
+        reasons.append("length")
+    return sequences, reasons
+
+
+def result(sequences, reasons, nfe, steps, trace, started) -> GenerationResult:
+    tpf = sum(len(s) for s in sequences) / max(sum(steps), 1)
+    return GenerationResult(sequences, reasons, nfe, steps, tpf, trace, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- block plan
+
+
+def block_bounds(n: int, size: int, offset: int = 0) -> list[tuple[int, int]]:
+    """[start, end) of each block of the generated region; the first is shortened by ``offset % size``."""
+    edges = [0]
+    edge = size - offset % size
+    while edge < n:
+        edges.append(edge)
+        edge += size
+    edges.append(n)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def block_budgets(blocks: list[tuple[int, int]], n: int, steps: int | None) -> list[int]:
+    """Steps per block: steps * block / N (integer shares summing to ``steps``), within [1, block]."""
+    if steps is None:
+        return [e - s for s, e in blocks]
+    return [min(max(steps * e // n - steps * s // n, 1), e - s) for s, e in blocks]
+
+
+def spread(m: int, s: int) -> list[int]:
+    """m tokens over s steps: m // s each, the remainder to the first steps."""
+    base, extra = divmod(m, s)
+    return [base + 1] * extra + [base] * (s - extra)
+
+
+@dataclass
+class _Row:
+    blocks: list[tuple[int, int]]
+    budgets: list[int]
+    generator: torch.Generator
+    block: int = 0
+    step: int = 0  # steps spent in the current block
+    quotas: list[int] = field(default_factory=list)
+    steps: int = 0
+    done: bool = False
+
+    def plan(self, masked: int) -> StepPlan:
+        if self.step == 0:
+            self.quotas = spread(masked, self.budgets[self.block])
+        i = min(self.step, len(self.quotas) - 1)
+        return StepPlan(masked=masked, quota=self.quotas[i], steps_left=max(self.budgets[self.block] - self.step, 1))
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _candidates(region: Tensor, row: _Row, mask_id: int) -> Tensor:
+    """Masked positions (region indices) of the row's current block, moving to the next block if needed."""
+    while True:
+        s, e = row.blocks[row.block]
+        idx = (region[s:e] == mask_id).nonzero().flatten() + s
+        if idx.numel():
+            return idx
+        row.block, row.step = row.block + 1, 0
+
+
+def _early_stop(region: Tensor, ends: Tensor, mask_id: int) -> bool:
+    """If an end token is committed with everything before it decided, fill the rest with it."""
+    is_end = torch.isin(region, ends)
+    if not bool(is_end.any()):
+        return False
+    first_end = int(is_end.int().argmax())
+    masked = region == mask_id
+    first_mask = int(masked.int().argmax()) if bool(masked.any()) else region.shape[0]
+    if first_end > first_mask:
+        return False
+    region[first_end + 1 :] = region[first_end]
+    return True
+
+
+def _decode(
+    model: nn.Module,
+    left: list[list[int]],
+    right: list[list[int]],
+    config: GenerationConfig,
+    seeds: list[int] | None,
+    on_step: Callable[[StepEvent], None] | None,
+    forward: LogitsFn | None,
+) -> GenerationResult:
+    started = time.perf_counter()
+    config.validate()
+    mc = model.config
+    mask_id, n = mc.mask_token_id, config.max_new_tokens
+    if mask_id is None:
+        raise UnmaskError("diffusion decoding needs a model with mask_token_id")
+    check_prompts(model, left, [n + len(r) for r in right])
+    if mc.shifted and any(len(x) == 0 for x in left):
+        raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
+    block, aligned = config.block_size, mc.attention == "block"
+    if aligned:
+        if block is None:
+            block = mc.block_size
+        if block != mc.block_size:
+            raise UnmaskError(f"this block-causal model decodes with block_size {mc.block_size}, got {block}")
+    size = n if block is None else block
+    gens = row_generators(len(left), config, seeds)
+    rows = []
+    for lft, gen in zip(left, gens):
+        bounds = block_bounds(n, size, len(lft) if aligned else 0)
+        rows.append(_Row(bounds, block_budgets(bounds, n, config.steps), gen))
+
+    device = model_device(model)
+    pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
+    canvas = pad_batch(left, n, mask_id, right, pad, device)
+    ends = torch.tensor(end_ids(mc), dtype=torch.long, device=device)
+    stop = config.stop_at_eos and ends.numel() > 0
+    policy = make_policy(config)
+    forward = forward or full_forward(model)
+    shift = 1 if mc.shifted else 0
+    nfe, step, trace = 0, 0, [] if config.trace else None
+
+    with torch.no_grad():
+        while not all(row.done for row in rows):
+            active = [r for r, row in enumerate(rows) if not row.done]
+            region = canvas.region
+            cands = [_candidates(region[r], rows[r], mask_id) for r in active]
+            lo = canvas.start + min(int(c[0]) for c in cands)
+            hi = canvas.start + max(rows[r].blocks[rows[r].block][1] for r in active)
+            sel = None if len(active) == len(rows) else torch.tensor(active, device=device)
+            logits = forward(canvas, sel, slice(lo - shift, hi - shift))
+            nfe += 1
+            base = canvas.start - lo
+            plans = [rows[r].plan(c.numel()) for r, c in zip(active, cands)]
+            picks = _select(policy, logits, base, cands, plans, [rows[r].generator for r in active], config, mask_id)
+            committed = torch.zeros(region.shape, dtype=torch.bool, device=device)
+            for r, (pos, tokens) in zip(active, picks):
+                row_region = region[r]
+                row_region[pos] = tokens
+                committed[r, pos] = True
+                before = row_region.clone() if stop else None
+                if stop and _early_stop(row_region, ends, mask_id):
+                    committed[r] |= row_region != before
+                row = rows[r]
+                row.steps, row.step = row.steps + 1, row.step + 1
+                row.done = not bool((row_region == mask_id).any())
+            if trace is not None:
+                trace.append(region.cpu().clone())
+            if on_step is not None:
+                done = torch.tensor([row.done for row in rows])
+                on_step(StepEvent(step, nfe, region.clone(), committed, done, mask_id))
+            step += 1
+
+    sequences, reasons = finish(canvas.region.tolist(), end_ids(mc), config.stop_at_eos)
+    return result(sequences, reasons, nfe, [row.steps for row in rows], trace, started)
+
+
+def _select(
+    policy: Policy,
+    logits: Tensor,
+    base: int,
+    cands: list[Tensor],
+    plans: list[StepPlan],
+    gens: list[torch.Generator],
+    config: GenerationConfig,
+    mask_id: int,
+) -> list[tuple[Tensor, Tensor]]:
+    """(region positions, tokens) to commit for each active row."""
+
+    def sample(positions: list[Tensor]) -> Tensor:
+        flat = torch.cat([logits[a, p + base] for a, p in enumerate(positions)])
+        return predict(
+            flat,
+            [p.numel() for p in positions],
+            gens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            mask_id=mask_id,
+        )
+
+    out = []
+    if policy.uses_predictions:
+        pred = sample(cands)
+        scores = policy.score(pred)
+        offset = 0
+        for c, plan, gen in zip(cands, plans, gens):
+            part = slice(offset, offset + c.numel())
+            chosen = policy.select(scores[part], plan, gen).to(c.device)
+            out.append((c[chosen], pred.tokens[part][chosen]))
+            offset += c.numel()
+        return out
+    chosen = [c[policy.select(None, plan, gen).to(c.device)] for c, plan, gen in zip(cands, plans, gens)]
+    pred = sample(chosen)
+    offset = 0
+    for pos in chosen:
+        out.append((pos, pred.tokens[offset : offset + pos.numel()]))
+        offset += pos.numel()
+    return out
+
+
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    *,
+    seeds: list[int] | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    forward: LogitsFn | None = None,
+) -> GenerationResult:
+    """Write ``config.max_new_tokens`` tokens after each prompt by masked-diffusion denoising."""
+    return _decode(model, [list(p) for p in prompts], [[] for _ in prompts], config, seeds, on_step, forward)
+
+
+def infill(
+    model: nn.Module,
+    prefixes: list[list[int]],
+    suffixes: list[list[int]],
+    config: GenerationConfig,
+    *,
+    seeds: list[int] | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    forward: LogitsFn | None = None,
+) -> GenerationResult:
+    """Fill ``config.max_new_tokens`` masks between each prefix and suffix; only the middle is written.
+
+    The model may end the middle early with EOS/pad; those are stripped from the result.
+    """
+    if len(prefixes) != len(suffixes):
+        raise UnmaskError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
+    if model.config.attention != "bidirectional":
+        raise UnmaskError(f"infilling needs a bidirectional model, this one is {model.config.attention}")
+    return _decode(model, [list(p) for p in prefixes], [list(s) for s in suffixes], config, seeds, on_step, forward)
