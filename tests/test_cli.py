@@ -124,7 +124,7 @@ def test_bad_flag_values_exit_2_with_one_line(flags: tuple[str, ...], needle: st
 
 def test_prompt_longer_than_the_context_is_a_one_line_error(tiny_model_dir: Path) -> None:
     proc = run_cli("generate", "def f(x): return x\n" * 60, "--model", str(tiny_model_dir))
-    assert_one_line_error(proc, 1, "context")
+    assert_one_line_error(proc, 1, "max_seq_len")
 
 
 def test_tokenizer_train_writes_a_loadable_tokenizer(tmp_path: Path) -> None:

@@ -205,9 +205,11 @@ class OracleModel(nn.Module):
         hidden = padded == vocab
         agrees = ((self.sequences[None] == padded[:, None]) | hidden[:, None]).all(dim=-1)  # [B, N]
         weight = torch.where(agrees, self.log_q, torch.full_like(self.log_q, float("-inf")))
-        onehot = nn.functional.one_hot(self.sequences, vocab).bool()  # [N, L, V]
-        joint = weight[:, :, None, None] + torch.where(onehot, 0.0, float("-inf")).double()
-        logits = torch.logsumexp(joint, dim=1)[:, :t]  # [B, T, V]
+        top = weight.max(dim=1, keepdim=True).values
+        onehot = nn.functional.one_hot(self.sequences, vocab).double().flatten(1)  # [N, L * V]
+        # Sum of q over the agreeing sequences with x_i = v, scaled by exp(-top) to stay in range.
+        mass = (weight - top).exp() @ onehot
+        logits = (mass.log() + top).view(b, self.length, vocab)[:, :t]  # [B, T, V]
         logits = torch.cat([logits, torch.full_like(logits[..., :1], self.mask_logit)], dim=-1)
         if logits_index is not None:
             logits = logits[:, logits_index]
