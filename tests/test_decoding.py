@@ -159,13 +159,16 @@ def test_quota_policies_follow_the_step_schedule(n, block, steps, expected):
 
 def test_threshold_extremes():
     model = tiny_transformer(eos_token_id=None, init_std=0.02)
-    one = generate(model, [[3, 4]], GenerationConfig(max_new_tokens=8, block_size=4, policy="threshold", threshold=1.0))
+
+    def config(n: int, tau: float, steps: int | None = None) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=n, block_size=4, steps=steps, policy="threshold", threshold=tau)
+
+    one = generate(model, [[3, 4]], config(8, 1.0))
     assert one.nfe == 8 and one.steps == [8]
-    assert commits_per_step(model, [3, 4], GenerationConfig(max_new_tokens=8, block_size=4, policy="threshold", threshold=1.0)) == [1] * 8
-    zero = generate(model, [[3, 4]], GenerationConfig(max_new_tokens=12, block_size=4, policy="threshold", threshold=0.0))
-    assert zero.nfe == 3 and len(zero.sequences[0]) == 12
-    capped = generate(model, [[3, 4]], GenerationConfig(max_new_tokens=8, block_size=4, steps=4, policy="threshold", threshold=1.0))
-    assert capped.nfe == 4  # steps is a cap for adaptive policies
+    assert commits_per_step(model, [3, 4], config(8, 1.0)) == [1] * 8
+    zero = generate(model, [[3, 4]], config(12, 0.0))
+    assert zero.nfe == 3 and len(zero.sequences[0]) == 12  # one step per block
+    assert generate(model, [[3, 4]], config(8, 1.0, steps=4)).nfe == 4  # steps is a cap for adaptive policies
 
 
 def first_open_block_only(events: list[StepEvent], row: int, bounds, mask_id: int, n: int) -> None:
@@ -258,6 +261,16 @@ def test_early_stop_at_eos():
     config.stop_at_eos = False
     full = generate(model, [[3, 3]], config)
     assert full.sequences == [[5, 5, 5]] and full.finish_reasons == ["length"] and full.nfe == 16
+
+
+def test_no_early_stop_while_earlier_positions_are_masked():
+    # EOS (positions >= 5) is now the most confident prediction, so it is committed first.
+    model = PositionModel(lambda p: 5 if p < 5 else 1, strength=lambda p: 5.0 if p < 5 else 9.0, eos=1)
+    events: list[StepEvent] = []
+    config = GenerationConfig(max_new_tokens=16, block_size=None, policy="confidence")
+    result = generate(model, [[3, 3]], config, on_step=events.append)
+    assert events[0].committed[0].nonzero().flatten().tolist() == [3]
+    assert result.sequences == [[5, 5, 5]] and result.finish_reasons == ["stop"] and result.nfe == 16
 
 
 def test_finished_rows_stop_taking_steps_in_a_batch():

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
-from unmask.decoding.sampling import predict
+from unmask.decoding.sampling import Predictions, predict
 from unmask.errors import UnmaskError
+from unmask.models.config import ModelConfig
 
 
 @dataclass
@@ -27,7 +28,7 @@ class GenerationConfig:
 
     max_new_tokens: int = 128  # canvas length N (for infill: the middle's length)
     block_size: int | None = 32  # semi-AR block; None or >= N = pure diffusion (one block)
-    steps: int | None = None  # total denoising steps over the canvas; None = one token per step; for threshold/factor: a cap only
+    steps: int | None = None  # total denoising steps over the canvas; None = one token per step; threshold/factor: a cap
     policy: str = "confidence"  # random | random_count | confidence | margin | entropy | threshold | factor
     threshold: float = 0.9  # tau for `threshold`
     factor: float = 1.0  # f for `factor`
@@ -120,7 +121,7 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device(getattr(model, "device", "cpu"))
 
 
-def end_ids(model_config) -> list[int]:
+def end_ids(model_config: ModelConfig) -> list[int]:
     """Tokens that end a sequence: EOS, and pad (which a model may use to close an infill)."""
     return sorted({i for i in (model_config.eos_token_id, model_config.pad_token_id) if i is not None})
 
@@ -153,7 +154,9 @@ def check_prompts(model: nn.Module, parts: list[list[int]], extra: list[int], wh
             )
 
 
-def pad_batch(left: list[list[int]], middle: int, fill: int, right: list[list[int]], pad: int, device) -> Canvas:
+def pad_batch(
+    left: list[list[int]], middle: int, fill: int, right: list[list[int]], pad: int, device: torch.device
+) -> Canvas:
     """Left-pad ``left`` parts, then ``middle`` slots of ``fill``, then right parts, right-padded."""
     width_l = max(len(x) for x in left)
     width_r = max(len(x) for x in right)
@@ -184,7 +187,10 @@ def finish(region: list[list[int]], ends: list[int], stop_at_eos: bool) -> tuple
     return sequences, reasons
 
 
-def result(sequences, reasons, nfe, steps, trace, started) -> GenerationResult:
+def result(
+    sequences: list[list[int]], reasons: list[str], nfe: int, steps: list[int], trace: list[Tensor] | None, started: float
+) -> GenerationResult:
+    """Bundle the outcome; TPF counts each row's tokens against the forward calls it took part in."""
     tpf = sum(len(s) for s in sequences) / max(sum(steps), 1)
     return GenerationResult(sequences, reasons, nfe, steps, tpf, trace, time.perf_counter() - started)
 
@@ -247,18 +253,46 @@ def _candidates(region: Tensor, row: _Row, mask_id: int) -> Tensor:
         row.block, row.step = row.block + 1, 0
 
 
-def _early_stop(region: Tensor, ends: Tensor, mask_id: int) -> bool:
+def _early_stop(region: Tensor, ends: Tensor, mask_id: int) -> None:
     """If an end token is committed with everything before it decided, fill the rest with it."""
     is_end = torch.isin(region, ends)
     if not bool(is_end.any()):
-        return False
+        return
     first_end = int(is_end.int().argmax())
     masked = region == mask_id
     first_mask = int(masked.int().argmax()) if bool(masked.any()) else region.shape[0]
-    if first_end > first_mask:
-        return False
-    region[first_end + 1 :] = region[first_end]
-    return True
+    if first_end < first_mask:
+        region[first_end + 1 :] = region[first_end]
+
+
+def _plan_rows(model: nn.Module, left: list[list[int]], config: GenerationConfig, seeds: list[int] | None) -> list[_Row]:
+    """Blocks, step budgets and a generator for every row."""
+    mc, n = model.config, config.max_new_tokens
+    size, aligned = config.block_size, mc.attention == "block"
+    if aligned:
+        size = mc.block_size if size is None else size
+        if size != mc.block_size:
+            raise UnmaskError(f"this block-causal model decodes with block_size {mc.block_size}, got {size}")
+    rows = []
+    for lft, gen in zip(left, row_generators(len(left), config, seeds)):
+        bounds = block_bounds(n, n if size is None else size, len(lft) if aligned else 0)
+        rows.append(_Row(bounds, block_budgets(bounds, n, config.steps), gen))
+    return rows
+
+
+def _commit(row: _Row, region: Tensor, pos: Tensor, tokens: Tensor, ends: Tensor | None, mask_id: int) -> Tensor:
+    """Write one row's picks (and an early stop's EOS fill); returns the positions written."""
+    before = region.clone()
+    region[pos] = tokens
+    if ends is not None:
+        _early_stop(region, ends, mask_id)
+    written = region != before
+    row.steps, row.step = row.steps + 1, row.step + 1
+    row.done = not bool((region == mask_id).any())
+    s, e = row.blocks[row.block]
+    if row.step >= row.budgets[row.block] and bool((region[s:e] == mask_id).any()):
+        raise RuntimeError(f"block {row.block} is unfinished after its step budget: the policy made no progress")
+    return written
 
 
 def _decode(
@@ -279,24 +313,11 @@ def _decode(
     check_prompts(model, left, [n + len(r) for r in right])
     if mc.shifted and any(len(x) == 0 for x in left):
         raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
-    block, aligned = config.block_size, mc.attention == "block"
-    if aligned:
-        if block is None:
-            block = mc.block_size
-        if block != mc.block_size:
-            raise UnmaskError(f"this block-causal model decodes with block_size {mc.block_size}, got {block}")
-    size = n if block is None else block
-    gens = row_generators(len(left), config, seeds)
-    rows = []
-    for lft, gen in zip(left, gens):
-        bounds = block_bounds(n, size, len(lft) if aligned else 0)
-        rows.append(_Row(bounds, block_budgets(bounds, n, config.steps), gen))
-
+    rows = _plan_rows(model, left, config, seeds)
     device = model_device(model)
     pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
     canvas = pad_batch(left, n, mask_id, right, pad, device)
-    ends = torch.tensor(end_ids(mc), dtype=torch.long, device=device)
-    stop = config.stop_at_eos and ends.numel() > 0
+    ends = torch.tensor(end_ids(mc), dtype=torch.long, device=device) if config.stop_at_eos and end_ids(mc) else None
     policy = make_policy(config)
     forward = forward or full_forward(model)
     shift = 1 if mc.shifted else 0
@@ -312,20 +333,12 @@ def _decode(
             sel = None if len(active) == len(rows) else torch.tensor(active, device=device)
             logits = forward(canvas, sel, slice(lo - shift, hi - shift))
             nfe += 1
-            base = canvas.start - lo
             plans = [rows[r].plan(c.numel()) for r, c in zip(active, cands)]
-            picks = _select(policy, logits, base, cands, plans, [rows[r].generator for r in active], config, mask_id)
+            gens = [rows[r].generator for r in active]
+            picks = _select(policy, logits, canvas.start - lo, cands, plans, gens, config, mask_id)
             committed = torch.zeros(region.shape, dtype=torch.bool, device=device)
             for r, (pos, tokens) in zip(active, picks):
-                row_region = region[r]
-                row_region[pos] = tokens
-                committed[r, pos] = True
-                before = row_region.clone() if stop else None
-                if stop and _early_stop(row_region, ends, mask_id):
-                    committed[r] |= row_region != before
-                row = rows[r]
-                row.steps, row.step = row.steps + 1, row.step + 1
-                row.done = not bool((row_region == mask_id).any())
+                committed[r] = _commit(rows[r], region[r], pos, tokens, ends, mask_id)
             if trace is not None:
                 trace.append(region.cpu().clone())
             if on_step is not None:
@@ -349,9 +362,9 @@ def _select(
 ) -> list[tuple[Tensor, Tensor]]:
     """(region positions, tokens) to commit for each active row."""
 
-    def sample(positions: list[Tensor]) -> Tensor:
+    def sample(positions: list[Tensor]) -> Predictions:
         flat = torch.cat([logits[a, p + base] for a, p in enumerate(positions)])
-        return predict(
+        pred = predict(
             flat,
             [p.numel() for p in positions],
             gens,
@@ -360,6 +373,9 @@ def _select(
             top_p=config.top_p,
             mask_id=mask_id,
         )
+        if bool((pred.tokens == mask_id).any()):
+            raise RuntimeError("the sampler chose [MASK]; decoding would never finish")
+        return pred
 
     out = []
     if policy.uses_predictions:
