@@ -12,6 +12,9 @@ from unmask.models.io import save_model
 from unmask.models.transformer import Transformer
 from unmask.tokenizer import Tokenizer, train_tokenizer
 
+# Tiny models run fastest on one thread, and the suite must not fight itself for 2 cores.
+torch.set_num_threads(1)
+
 CODE = [
     "def add(a, b):\n    return a + b\n",
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",

@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from unmask import __version__
+from unmask.decoding.policies import POLICIES
 from unmask.errors import UnmaskError
 
-POLICIES = ("random", "confidence", "margin", "entropy", "threshold", "factor")
+DEFAULT_BLOCK = 32
 
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable:
@@ -49,7 +50,10 @@ def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None
     p.add_argument("--max-new-tokens", type=positive_int, default=default_tokens, help="length of the canvas")
     p.add_argument("--steps", type=positive_int, help="total denoising steps (default: one token per step)")
     p.add_argument("--threshold", type=_bounded(float, 0.0, 1.0), help="confidence threshold (selects --policy threshold)")
-    p.add_argument("--block-size", type=positive_int, default=32, help="semi-autoregressive block length")
+    p.add_argument(
+        "--block-size", type=positive_int,
+        help=f"semi-autoregressive block length (default: the model's block for block-causal models, else {DEFAULT_BLOCK})",
+    )
     p.add_argument("--policy", choices=POLICIES, help="which predictions to commit each step (default: confidence)")
     p.add_argument("--temperature", type=_bounded(float, 0.0, 2.0), default=0.0)
     p.add_argument("--top-k", type=positive_int)
@@ -93,15 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generation_config(args: argparse.Namespace):
+def _generation_config(args: argparse.Namespace, model_config):
     from unmask.decoding import GenerationConfig
 
+    block = args.block_size
+    if block is None:
+        block = model_config.block_size if model_config.attention == "block" else DEFAULT_BLOCK
     policy = args.policy or ("threshold" if args.threshold is not None else "confidence")
     if args.threshold is not None and policy != "threshold":
         raise UnmaskError(f"--threshold applies to --policy threshold, not {policy}")
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        block_size=args.block_size,
+        block_size=block,
         steps=args.steps,
         policy=policy,
         temperature=args.temperature,
@@ -122,7 +129,7 @@ def _run_decoding(args: argparse.Namespace, prompt_text: str, run: Callable, vis
     from unmask.view import LiveCanvas
 
     loaded = load(args.model, device=args.device)
-    config = _generation_config(args)
+    config = _generation_config(args, loaded.model.config)
     err = Console(stderr=True)
     mask_id = loaded.model.config.mask_token_id
     if args.show_steps and mask_id is not None:

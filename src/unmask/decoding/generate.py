@@ -150,7 +150,8 @@ def check_prompts(model: nn.Module, parts: list[list[int]], extra: list[int], wh
             raise UnmaskError(f"{what} {r}: token id {bad[0]} outside the vocabulary of size {mc.vocab_size}")
         if len(ids) + more > mc.max_seq_len:
             raise UnmaskError(
-                f"{what} {r}: {len(ids)} tokens + {more} more exceed the model's max_seq_len {mc.max_seq_len}"
+                f"{what} {r}: {len(ids)} tokens + {more} to write exceed the model's context of "
+                f"{mc.max_seq_len} tokens (max_seq_len)"
             )
 
 
