@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--show-steps", action="store_true", help="animate the denoising on the terminal (stderr)")
+    p.add_argument(
+        "--frame-delay", type=_bounded(float, 0.0, 10.0), default=0.04,
+        help="with --show-steps: seconds each frame stays on screen (not counted in tokens/s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
 
 
@@ -132,12 +137,17 @@ def _run_decoding(args: argparse.Namespace, prompt_text: str, run: Callable, vis
     config = _generation_config(args, loaded.model.config)
     err = Console(stderr=True)
     mask_id = loaded.model.config.mask_token_id
+    view_seconds = 0.0
     if args.show_steps and mask_id is not None:
         with LiveCanvas(loaded.tokenizer, mask_id, prompt=visible_prefix, console=err) as live:
 
             def on_step(event) -> None:
-                fresh = event.committed[0].tolist() if event.committed is not None else None
+                nonlocal view_seconds
+                began = time.perf_counter()
+                fresh = event.committed[0].tolist()
                 live.frame(event.canvas[0].tolist(), fresh, f"step {event.step + 1} · {event.nfe} forward passes")
+                time.sleep(args.frame_delay)
+                view_seconds += time.perf_counter() - began
 
             result = run(loaded, config, on_step)
     else:
@@ -147,7 +157,8 @@ def _run_decoding(args: argparse.Namespace, prompt_text: str, run: Callable, vis
     sys.stdout.flush()
     if not args.quiet:
         tokens = len(result.sequences[0])
-        rate = tokens / result.elapsed if result.elapsed > 0 else float("inf")
+        compute = result.elapsed - view_seconds
+        rate = tokens / compute if compute > 0 else float("inf")
         err.print(
             f"[dim]{tokens} tokens · NFE {result.nfe} · {result.tokens_per_forward:.2f} tokens/forward · "
             f"{rate:.1f} tokens/s · finish: {result.finish_reasons[0]}[/dim]",
