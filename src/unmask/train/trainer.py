@@ -27,6 +27,7 @@ import torch
 from unmask.diffusion.objectives import ar_loss, block_diffusion_loss, compute_loss, diffusion_loss
 from unmask.diffusion.schedule import DEFAULT_EPS
 from unmask.errors import UnmaskError
+from unmask.loading import resolve_device
 from unmask.models.config import ModelConfig
 from unmask.models.io import save_model
 from unmask.models.transformer import Transformer
@@ -45,14 +46,6 @@ from unmask.train.data import (
 from unmask.train.metrics import MetricsLog, Progress
 
 EVAL_SEED = 1234  # masking noise of validation: fixed so the figure is comparable across evaluations
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UnmaskError("[train] device = 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[TokenData, Any]:
