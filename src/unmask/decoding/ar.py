@@ -57,7 +57,7 @@ def ar_generate(
     valid = canvas.valid if canvas.valid is not None else torch.ones_like(canvas.ids, dtype=torch.bool)
     dtype = next(model.parameters()).dtype
     cache = KVCache.allocate(mc, b, width + n, dtype=dtype, device=device)
-    ends = end_ids(mc)
+    ends = end_ids(mc, config)
     stop = config.stop_at_eos and bool(ends)
 
     out = torch.full((b, n), undecided, dtype=torch.long, device=device)

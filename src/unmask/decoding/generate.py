@@ -37,6 +37,7 @@ class GenerationConfig:
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
     seed: int | None = None  # per-row seed; same seed -> same output alone or in a batch
     stop_at_eos: bool = True  # end a row once EOS is committed and everything before it is decided
+    stop_ids: tuple[int, ...] = ()  # more tokens that end a row like EOS (a chat template's end-of-turn)
     trace: bool = False  # keep a copy of the canvas after every step
 
     def __post_init__(self) -> None:
@@ -56,6 +57,7 @@ class GenerationConfig:
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
         need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        self.stop_ids = tuple(int(i) for i in self.stop_ids)
 
 
 @dataclass
@@ -121,9 +123,10 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device(getattr(model, "device", "cpu"))
 
 
-def end_ids(model_config: ModelConfig) -> list[int]:
-    """Tokens that end a sequence: EOS, and pad (which a model may use to close an infill)."""
-    return sorted({i for i in (model_config.eos_token_id, model_config.pad_token_id) if i is not None})
+def end_ids(model_config: ModelConfig, config: GenerationConfig | None = None) -> list[int]:
+    """Tokens that end a sequence: EOS, pad (which a model may use to close an infill), stop ids."""
+    ids = {i for i in (model_config.eos_token_id, model_config.pad_token_id) if i is not None}
+    return sorted(ids | set(config.stop_ids if config is not None else ()))
 
 
 def row_generators(n: int, config: GenerationConfig, seeds: list[int] | None) -> list[torch.Generator]:
@@ -224,7 +227,7 @@ def spread(m: int, s: int) -> list[int]:
 
 
 @dataclass
-class _Row:
+class RowState:
     blocks: list[tuple[int, int]]
     budgets: list[int]
     generator: torch.Generator
@@ -244,7 +247,7 @@ class _Row:
 # ---------------------------------------------------------------------------- the loop
 
 
-def _candidates(region: Tensor, row: _Row, mask_id: int) -> Tensor:
+def candidates(region: Tensor, row: RowState, mask_id: int) -> Tensor:
     """Masked positions (region indices) of the row's current block, moving to the next block if needed."""
     while True:
         s, e = row.blocks[row.block]
@@ -254,7 +257,7 @@ def _candidates(region: Tensor, row: _Row, mask_id: int) -> Tensor:
         row.block, row.step = row.block + 1, 0
 
 
-def _early_stop(region: Tensor, ends: Tensor, mask_id: int) -> None:
+def early_stop(region: Tensor, ends: Tensor, mask_id: int) -> None:
     """If an end token is committed with everything before it decided, fill the rest with it."""
     is_end = torch.isin(region, ends)
     if not bool(is_end.any()):
@@ -266,7 +269,7 @@ def _early_stop(region: Tensor, ends: Tensor, mask_id: int) -> None:
         region[first_end + 1 :] = region[first_end]
 
 
-def _plan_rows(model: nn.Module, left: list[list[int]], config: GenerationConfig, seeds: list[int] | None) -> list[_Row]:
+def plan_rows(model: nn.Module, left: list[list[int]], config: GenerationConfig, seeds: list[int] | None) -> list[RowState]:
     """Blocks, step budgets and a generator for every row."""
     mc, n = model.config, config.max_new_tokens
     size, aligned = config.block_size, mc.attention == "block"
@@ -277,16 +280,16 @@ def _plan_rows(model: nn.Module, left: list[list[int]], config: GenerationConfig
     rows = []
     for lft, gen in zip(left, row_generators(len(left), config, seeds)):
         bounds = block_bounds(n, n if size is None else size, len(lft) if aligned else 0)
-        rows.append(_Row(bounds, block_budgets(bounds, n, config.steps), gen))
+        rows.append(RowState(bounds, block_budgets(bounds, n, config.steps), gen))
     return rows
 
 
-def _commit(row: _Row, region: Tensor, pos: Tensor, tokens: Tensor, ends: Tensor | None, mask_id: int) -> Tensor:
+def commit(row: RowState, region: Tensor, pos: Tensor, tokens: Tensor, ends: Tensor | None, mask_id: int) -> Tensor:
     """Write one row's picks (and an early stop's EOS fill); returns the positions written."""
     before = region.clone()
     region[pos] = tokens
     if ends is not None:
-        _early_stop(region, ends, mask_id)
+        early_stop(region, ends, mask_id)
     written = region != before
     row.steps, row.step = row.steps + 1, row.step + 1
     row.done = not bool((region == mask_id).any())
@@ -314,11 +317,12 @@ def _decode(
     check_prompts(model, left, [n + len(r) for r in right])
     if mc.shifted and any(len(x) == 0 for x in left):
         raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
-    rows = _plan_rows(model, left, config, seeds)
+    rows = plan_rows(model, left, config, seeds)
     device = model_device(model)
     pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
     canvas = pad_batch(left, n, mask_id, right, pad, device)
-    ends = torch.tensor(end_ids(mc), dtype=torch.long, device=device) if config.stop_at_eos and end_ids(mc) else None
+    ends_list = end_ids(mc, config)
+    ends = torch.tensor(ends_list, dtype=torch.long, device=device) if config.stop_at_eos and ends_list else None
     policy = make_policy(config)
     forward = forward or full_forward(model)
     shift = 1 if mc.shifted else 0
@@ -328,7 +332,7 @@ def _decode(
         while not all(row.done for row in rows):
             active = [r for r, row in enumerate(rows) if not row.done]
             region = canvas.region
-            cands = [_candidates(region[r], rows[r], mask_id) for r in active]
+            cands = [candidates(region[r], rows[r], mask_id) for r in active]
             lo = canvas.start + min(int(c[0]) for c in cands)
             hi = canvas.start + max(rows[r].blocks[rows[r].block][1] for r in active)
             sel = None if len(active) == len(rows) else torch.tensor(active, device=device)
@@ -336,10 +340,10 @@ def _decode(
             nfe += 1
             plans = [rows[r].plan(c.numel()) for r, c in zip(active, cands)]
             gens = [rows[r].generator for r in active]
-            picks = _select(policy, logits, canvas.start - lo, cands, plans, gens, config, mask_id)
+            picks = select(policy, logits, canvas.start - lo, cands, plans, gens, config, mask_id)
             committed = torch.zeros(region.shape, dtype=torch.bool, device=device)
             for r, (pos, tokens) in zip(active, picks):
-                committed[r] = _commit(rows[r], region[r], pos, tokens, ends, mask_id)
+                committed[r] = commit(rows[r], region[r], pos, tokens, ends, mask_id)
             if trace is not None:
                 trace.append(region.cpu().clone())
             if on_step is not None:
@@ -347,11 +351,11 @@ def _decode(
                 on_step(StepEvent(step, nfe, region.clone(), committed, done, mask_id))
             step += 1
 
-    sequences, reasons = finish(canvas.region.tolist(), end_ids(mc), config.stop_at_eos)
+    sequences, reasons = finish(canvas.region.tolist(), ends_list, config.stop_at_eos)
     return result(sequences, reasons, nfe, [row.steps for row in rows], trace, started)
 
 
-def _select(
+def select(
     policy: Policy,
     logits: Tensor,
     base: int,

@@ -1,0 +1,310 @@
+"""The request engine: one loaded model serving many requests, batched at step granularity.
+
+Requests wait in a bounded queue; a background thread admits them into the running batch
+between steps (up to ``max_batch``), runs one forward pass for all running diffusion jobs,
+lets each job commit its own picks, and streams a ``Frame`` per step and a ``Final`` per
+request back to whoever submitted it: an asyncio task (the server) or a plain thread.
+Cancelled requests leave the batch before the next step. The engine works on token ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import torch
+from torch import nn
+
+from unmask.decoding.generate import GenerationConfig, model_device, pad_batch
+from unmask.engine.jobs import ARJob, DiffusionJob
+from unmask.errors import UnmaskError
+
+
+class QueueFull(UnmaskError):
+    """The engine's waiting queue is full; the caller should retry later."""
+
+
+class EngineClosed(UnmaskError):
+    """The engine is shutting down and takes no more requests."""
+
+
+@dataclass
+class EngineRequest:
+    prompt: list[int]  # prompt ids (for fill-in-the-middle: the prefix)
+    config: GenerationConfig  # max_new_tokens, steps, policy, sampling, stop ids
+    suffix: list[int] | None = None  # fill-in-the-middle: the text after the written middle
+    seed: int | None = None  # overrides config.seed for this request
+    frames: bool = True  # send a Frame after every step
+
+
+@dataclass
+class Frame:
+    step: int  # steps this request has taken, this one included (1-based)
+    canvas: list[int]  # the generated region; ``mask_id`` marks undecided positions
+    committed: list[int]  # region indices written by this step
+    mask_id: int
+
+
+@dataclass
+class Final:
+    tokens: list[int]  # generated ids, without the ending EOS/stop token
+    finish_reason: str  # stop | length | cancelled | aborted | error
+    steps: int  # forward passes this request took part in
+    queued_s: float  # seconds spent waiting for a batch slot
+    elapsed_s: float  # seconds from admission to the end
+    error: str | None = None  # what went wrong, for finish_reason "error"
+
+
+Event = Frame | Final
+
+
+class Handle:
+    """A submitted request: iterate it (async or sync) for its events; ``cancel()`` to drop it."""
+
+    def __init__(self, request: EngineRequest, job: DiffusionJob | ARJob) -> None:
+        self.request, self.job = request, job
+        self.submitted = time.perf_counter()
+        self.admitted: float | None = None
+        self.cancelled = False
+        self.final: Final | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._async: asyncio.Queue[Event] | None = asyncio.Queue() if self._loop else None
+        self._sync: queue.Queue[Event] = queue.Queue()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, Final):
+            self.final = event
+        if self._loop is None or self._async is None:
+            self._sync.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        except RuntimeError:  # the submitter's loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._async is None:
+            raise RuntimeError("this request was submitted outside an event loop; iterate it synchronously")
+        while True:
+            event = await self._async.get()
+            yield event
+            if isinstance(event, Final):
+                return
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._async is not None:
+            raise RuntimeError("this request was submitted inside an event loop; iterate it with `async for`")
+        while True:
+            event = self._sync.get()
+            yield event
+            if isinstance(event, Final):
+                return
+
+    def result(self) -> Final:
+        """Block until the request ends (synchronous submitters only)."""
+        for event in self:
+            if isinstance(event, Final):
+                return event
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    forward_passes: int = 0
+    request_steps: int = 0
+    tokens_generated: int = 0
+    finished: Counter[str] = field(default_factory=Counter)
+
+
+class Engine:
+    """Serves one model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, *, max_batch: int = 8, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise UnmaskError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.config = model.config
+        self._device = model_device(model)
+        self._cond = threading.Condition()
+        self._waiting: deque[Handle] = deque()
+        self._running: list[Handle] = []
+        self._accepting, self._abort, self._stop = True, False, False
+        self._thread: threading.Thread | None = None
+        self._stats = _Stats()
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, request: EngineRequest) -> Handle:
+        """Queue a request; raises ``QueueFull``, ``EngineClosed``, or ``UnmaskError`` for a request that cannot run."""
+        seed = request.seed if request.seed is not None else request.config.seed
+        if self.config.attention == "causal":
+            if request.suffix:
+                raise UnmaskError("fill-in-the-middle needs a diffusion model; this one is autoregressive")
+            job: DiffusionJob | ARJob = ARJob(self.model, list(request.prompt), request.config, seed)
+        else:
+            job = DiffusionJob(self.model, list(request.prompt), request.config, seed, request.suffix)
+        handle = Handle(request, job)
+        with self._cond:
+            if not self._accepting:
+                raise EngineClosed("the server is shutting down and takes no new requests")
+            free_slots = max(self.max_batch - len(self._running), 0)
+            if len(self._waiting) >= self.max_queue + free_slots:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._waiting.append(handle)
+            self._stats.requests += 1
+            self._cond.notify()
+        return handle
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            s = self._stats
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "requests": s.requests,
+                "forward_passes": s.forward_passes,
+                "request_steps": s.request_steps,
+                "tokens_generated": s.tokens_generated,
+                **{f"finished_{k}": v for k, v in s.finished.items()},
+            }
+
+    def shutdown_sync(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, let running and waiting ones finish, abort what is left at ``timeout``."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._running or self._waiting) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.05, max(deadline - time.monotonic(), 0.0)))
+            self._abort = bool(self._running or self._waiting)
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=max(deadline - time.monotonic(), 0.0) + 5.0)
+            self._thread = None
+        if self._abort:  # the thread never ran (or died): end the rest here
+            self._end_all("aborted")
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        await asyncio.to_thread(self.shutdown_sync, timeout)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._running or self._waiting or self._stop):
+                        self._cond.wait()
+                    if self._stop and (self._abort or not (self._running or self._waiting)):
+                        break
+                    self._admit()
+                    running = list(self._running)
+                if running:
+                    self._step(running)
+                with self._cond:
+                    self._cond.notify_all()
+        self._end_all("aborted")
+
+    def _admit(self) -> None:
+        """Drop cancelled requests, then move waiting ones into free batch slots (lock held)."""
+        for handle in [h for h in self._running if h.cancelled]:
+            self._running.remove(handle)
+            self._end(handle, "cancelled")
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            self._end(handle, "cancelled")
+        while self._waiting and len(self._running) < self.max_batch:
+            handle = self._waiting.popleft()
+            handle.admitted = time.perf_counter()
+            self._running.append(handle)
+
+    def _step(self, running: list[Handle]) -> None:
+        try:
+            diffusion = [h for h in running if isinstance(h.job, DiffusionJob)]
+            if diffusion:
+                self._diffusion_step(diffusion)
+            for handle in running:
+                if isinstance(handle.job, ARJob):
+                    self._after(handle, handle.job.step())
+                    self._stats.forward_passes += 1
+        except Exception as exc:  # a failure inside the model ends the batch, never the engine
+            message = f"{type(exc).__name__}: {exc}"
+            with self._cond:
+                for handle in running:
+                    if handle in self._running:
+                        self._running.remove(handle)
+                        self._end(handle, "error", message)
+            return
+        with self._cond:
+            for handle in running:
+                if handle.job.done and handle in self._running:
+                    self._running.remove(handle)
+                    self._end(handle, None)
+
+    def _diffusion_step(self, handles: list[Handle]) -> None:
+        """One forward pass over every running diffusion job, left-padded into one batch."""
+        jobs = [h.job for h in handles]
+        windows = [job.window() for job in jobs]  # type: ignore[union-attr]
+        seqs = [job.tokens.tolist() for job in jobs]  # type: ignore[union-attr]
+        width = max(len(s) for s in seqs)
+        pads = [width - len(s) for s in seqs]
+        pad_id = next((i for i in (self.config.pad_token_id, self.config.eos_token_id) if i is not None), 0)
+        canvas = pad_batch(seqs, 0, pad_id, [[] for _ in seqs], pad_id, self._device)
+        lo = min(p + w[0] for p, w in zip(pads, windows))
+        hi = max(p + w[1] for p, w in zip(pads, windows))
+        logits = self.model(canvas.ids, canvas.positions, canvas.valid, logits_index=slice(lo, hi))
+        self._stats.forward_passes += 1
+        for r, (handle, pad, (a, b)) in enumerate(zip(handles, pads, windows)):
+            written = handle.job.advance(logits[r : r + 1, pad + a - lo : pad + b - lo])  # type: ignore[union-attr]
+            self._after(handle, written)
+
+    def _after(self, handle: Handle, written: list[int]) -> None:
+        self._stats.request_steps += 1
+        if handle.request.frames:
+            job = handle.job
+            handle._emit(Frame(job.steps, job.canvas(), written, job.mask_id))
+
+    # ------------------------------------------------------------------ endings
+
+    def _end(self, handle: Handle, reason: str | None, error: str | None = None) -> None:
+        tokens, natural = handle.job.outcome()
+        reason = reason or natural
+        if reason in ("stop", "length"):
+            self._stats.tokens_generated += len(tokens)
+        else:  # what was settled when the request ended: the region up to its first undecided slot
+            canvas = handle.job.canvas()
+            mask = handle.job.mask_id
+            tokens = canvas[: canvas.index(mask)] if mask in canvas else canvas
+        self._stats.finished[reason] += 1
+        now = time.perf_counter()
+        admitted = handle.admitted or now
+        handle._emit(Final(tokens, reason, handle.job.steps, admitted - handle.submitted, now - admitted, error))
+
+    def _end_all(self, reason: str) -> None:
+        with self._cond:
+            for handle in list(self._running) + list(self._waiting):
+                if handle.final is None:
+                    self._end(handle, reason)
+            self._running.clear()
+            self._waiting.clear()
+            self._cond.notify_all()
