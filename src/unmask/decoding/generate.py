@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from unmask.decoding.caches import CACHES, block_cache
 from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
 from unmask.decoding.sampling import Predictions, predict
 from unmask.errors import UnmaskError
@@ -39,6 +40,8 @@ class GenerationConfig:
     stop_at_eos: bool = True  # end a row once EOS is committed and everything before it is decided
     stop_ids: tuple[int, ...] = ()  # more tokens that end a row like EOS (a chat template's end-of-turn)
     trace: bool = False  # keep a copy of the canvas after every step
+    cache: str = "none"  # none | prefix | dual: approximate block KV cache (bidirectional); block-causal models: exact
+    cache_refresh: int | None = None  # approximate caches: also recompute everything every this many steps
 
     def __post_init__(self) -> None:
         self.validate()
@@ -57,6 +60,8 @@ class GenerationConfig:
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
         need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.cache in CACHES, f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
+        need(self.cache_refresh is None or self.cache_refresh >= 1, f"cache_refresh must be >= 1, got {self.cache_refresh}")
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
 
 
@@ -98,14 +103,17 @@ class Canvas:
         return self.ids[:, self.start : self.start + self.length]
 
 
-# (canvas, rows or None for all rows, slice of source positions) -> logits [rows, window, V]
-LogitsFn = Callable[[Canvas, "Tensor | None", slice], Tensor]
+# (canvas, rows or None for all rows, window, span) -> logits [rows, window, V]. ``window``: the source
+# positions whose logits the step needs; ``span``: the canvas slots whose tokens may still change
+# in the running blocks (from the earliest running block's first slot to the latest one's end),
+# which is what a block cache must recompute.
+LogitsFn = Callable[[Canvas, "Tensor | None", slice, slice], Tensor]
 
 
 def full_forward(model: nn.Module) -> LogitsFn:
     """Recompute the whole canvas every step (no cache)."""
 
-    def forward(canvas: Canvas, rows: Tensor | None, window: slice) -> Tensor:
+    def forward(canvas: Canvas, rows: Tensor | None, window: slice, span: slice) -> Tensor:
         ids, positions, valid = canvas.ids, canvas.positions, canvas.valid
         if rows is not None:
             ids, positions = ids[rows], positions[rows]
@@ -299,6 +307,15 @@ def commit(row: RowState, region: Tensor, pos: Tensor, tokens: Tensor, ends: Ten
     return written
 
 
+def block_start(canvas: Canvas, r: int, row: RowState, mc: ModelConfig) -> int:
+    """Canvas slot where row r's current block begins; for block-causal models the block is aligned
+    to absolute positions, so it may begin inside the prompt."""
+    slot = canvas.start + row.blocks[row.block][0]
+    if mc.attention == "block":
+        slot -= int(canvas.positions[r, slot]) % mc.block_size
+    return slot
+
+
 def _decode(
     model: nn.Module,
     left: list[list[int]],
@@ -324,7 +341,8 @@ def _decode(
     ends_list = end_ids(mc, config)
     ends = torch.tensor(ends_list, dtype=torch.long, device=device) if config.stop_at_eos and ends_list else None
     policy = make_policy(config)
-    forward = forward or full_forward(model)
+    if forward is None:
+        forward = full_forward(model) if config.cache == "none" else block_cache(model, config.cache, config.cache_refresh)
     shift = 1 if mc.shifted else 0
     nfe, step, trace = 0, 0, [] if config.trace else None
 
@@ -336,7 +354,8 @@ def _decode(
             lo = canvas.start + min(int(c[0]) for c in cands)
             hi = canvas.start + max(rows[r].blocks[rows[r].block][1] for r in active)
             sel = None if len(active) == len(rows) else torch.tensor(active, device=device)
-            logits = forward(canvas, sel, slice(lo - shift, hi - shift))
+            span = slice(min(block_start(canvas, r, rows[r], mc) for r in active), hi)
+            logits = forward(canvas, sel, slice(lo - shift, hi - shift), span)
             nfe += 1
             plans = [rows[r].plan(c.numel()) for r, c in zip(active, cands)]
             gens = [rows[r].generator for r in active]
