@@ -5,6 +5,10 @@
     unmask train configs/tiny-cpu.toml
     unmask tokenizer train --vocab-size 4096 --out tok/ src/
     unmask info MODEL_DIR
+    unmask pull GSAI-ML/LLaDA-8B-Instruct
+    unmask list
+    unmask chat GSAI-ML/LLaDA-8B-Instruct --steps 64
+    unmask serve MODEL_DIR --port 8000
 
 Only the completion goes to stdout, so output pipes cleanly; progress, the live view and
 statistics go to stderr. User mistakes print one line and exit with status 1 (2 for bad flags).
@@ -47,7 +51,7 @@ positive_int = _bounded(int, 1)
 
 
 def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None:
-    p.add_argument("--model", help="model directory (default: the embedded model)")
+    p.add_argument("--model", help="model directory or cached name ORG/NAME (default: the embedded model)")
     p.add_argument("--max-new-tokens", type=positive_int, default=default_tokens, help="length of the canvas")
     p.add_argument("--steps", type=positive_int, help="total denoising steps (default: one token per step)")
     p.add_argument("--threshold", type=_bounded(float, 0.0, 1.0), help="confidence threshold (selects --policy threshold)")
@@ -60,6 +64,11 @@ def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None
     p.add_argument("--top-k", type=positive_int)
     p.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache", choices=("none", "prefix", "dual"), default="none",
+        help="block KV cache: approximate for bidirectional models, exact for block-causal ones",
+    )
+    p.add_argument("--cache-refresh", type=positive_int, help="with --cache: recompute the whole canvas every N steps")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--show-steps", action="store_true", help="animate the denoising on the terminal (stderr)")
     p.add_argument(
@@ -99,7 +108,49 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model directory")
     info.add_argument("model", nargs="?", help="model directory (default: the embedded model)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_model_commands(sub)
+    _add_serve_command(sub)
+    _add_bench_command(sub)
     return parser
+
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    """`bench`: diffusion settings against AR decoding, with the weight-read floor."""
+    bench = sub.add_parser("bench", help="time diffusion decoding settings against AR decoding")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--model", help="diffusion model directory (default: the embedded model)")
+    source.add_argument("--shapes", help="random weights of a published shape built on the device: llada-8b, dream-7b, coder-nano, tiny")
+    bench.add_argument("--ar-model", help="AR model directory (default: the diffusion model's weights read causally, for speed only)")
+    bench.add_argument("--batch", type=_bounded(int, 1, 64), default=1)
+    bench.add_argument("--prompt-len", type=positive_int, default=128)
+    bench.add_argument("--gen", type=positive_int, default=256, help="tokens generated per sequence")
+    bench.add_argument("--block", type=positive_int, default=32, help="diffusion block length")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs per setting (after one warm-up)")
+    bench.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                       help="auto: bfloat16 on CUDA, float32 on the CPU")
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    bench.add_argument("--only", choices=("all", "diffusion", "ar"), default="all")
+    bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """`pull`, `list` and `chat`: the model cache and the terminal chat."""
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the cache")
+    pull.add_argument("repo_id", metavar="ORG/NAME", help="Hub model id, e.g. GSAI-ML/LLaDA-8B-Instruct")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    pull.add_argument(
+        "--timeout", type=_bounded(float, 0.0, 600.0, low_open=True), default=5.0,
+        help="seconds to wait for the Hub before giving up",
+    )
+
+    lst = sub.add_parser("list", help="show the embedded model and the cached ones")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+
+    chat = sub.add_parser("chat", help="talk to a model in the terminal with its chat template")
+    chat.add_argument("model_name", nargs="?", metavar="MODEL", help="model directory or cached name (default: --model, else the embedded model)")
+    chat.add_argument("--system", help="system message opening the conversation")
+    chat.add_argument("--json", action="store_true", help="one JSON object per answer on stdout (for scripts)")
+    _add_decoding_flags(chat, default_tokens=128)
 
 
 def _generation_config(args: argparse.Namespace, model_config):
@@ -120,6 +171,8 @@ def _generation_config(args: argparse.Namespace, model_config):
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        cache=args.cache,
+        cache_refresh=args.cache_refresh,
     )
     if args.threshold is not None:
         config.threshold = args.threshold
@@ -250,12 +303,152 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{key}: {value}")
 
 
+def cmd_pull(args: argparse.Namespace) -> None:
+    from unmask.hub import pull
+
+    print(pull(args.repo_id, revision=args.revision, timeout=args.timeout))
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from unmask.hub import entries_json, human_count, human_size, list_models
+
+    entries = list_models()
+    if args.json:
+        print(entries_json(entries))
+        return
+    table = Table("name", "family", "attention", "parameters", "size", "path", box=None, header_style="bold")
+    for e in entries:
+        name = e.name if e.status == "ok" else f"{e.name} [red]({e.status})[/red]"
+        table.add_row(name, e.family, e.attention, human_count(e.parameters), human_size(e.size_bytes), e.path)
+    Console().print(table, soft_wrap=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from unmask.chat import ChatOptions, run_chat
+    from unmask.loading import load
+
+    if args.model_name and args.model and args.model_name != args.model:
+        raise UnmaskError(f"two models named: {args.model_name} and --model {args.model}")
+    loaded = load(args.model_name or args.model, device=args.device)
+    options = ChatOptions(show_steps=args.show_steps, frame_delay=args.frame_delay, quiet=args.quiet, json=args.json)
+    failed = run_chat(loaded, _generation_config(args, loaded.model.config), args.system, options)
+    if failed:
+        raise UnmaskError(f"{failed} turn{'s' if failed > 1 else ''} failed")
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    """`serve`: the OpenAI-compatible HTTP server and the playground."""
+    serve = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API with a playground")
+    serve.add_argument("model_name", nargs="?", metavar="MODEL", help="model directory (default: --model, else the embedded model)")
+    serve.add_argument("--model", help="model directory (same as MODEL)")
+    serve.add_argument("--ar-model", help="also serve this autoregressive model (for side-by-side races)")
+    serve.add_argument("--served-model-name", help="the first model's name in the API (default: its directory name)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    serve.add_argument("--port", type=_bounded(int, 0, 65535), default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $UNMASK_API_KEY)")
+    serve.add_argument("--max-concurrency", type=positive_int, default=8, help="requests per model decoded in one batch")
+    serve.add_argument("--max-queue", type=_bounded(int, 0), default=64, help="requests per model waiting for a slot; more get 429")
+    serve.add_argument("--max-model-len", type=positive_int, help="cap on prompt + answer tokens (default: the model's context)")
+    serve.add_argument("--max-n", type=positive_int, default=8, help="most choices (n x prompts) per request")
+    serve.add_argument("--shutdown-timeout", type=_bounded(float, 0.0, 3600.0), default=10.0,
+                       help="seconds in-flight requests get to finish on SIGTERM")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from unmask.serve import LaunchOptions, ServeSettings, run_server
+
+    if args.model_name and args.model and args.model_name != args.model:
+        raise UnmaskError(f"two models named: {args.model_name} and --model {args.model}")
+    settings = ServeSettings(
+        api_key=args.api_key or os.environ.get("UNMASK_API_KEY") or None,
+        max_model_len=args.max_model_len,
+        max_choices=args.max_n,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    options = LaunchOptions(
+        model=args.model_name or args.model, ar_model=args.ar_model, served_model_name=args.served_model_name,
+        host=args.host, port=args.port, device=args.device, max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue, log_level=args.log_level,
+    )
+    run_server(options, settings)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from unmask import bench
+    from unmask.loading import load, resolve_device
+
+    device = resolve_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    max_len = args.prompt_len + args.gen
+    if args.shapes:
+        model = bench.random_model(args.shapes, device, dtype, max_len)
+        name = f"{args.shapes} (random weights)"
+        vocab = model.config.vocab_size
+        prompts = [[2 + (7919 * (r + 1) * (i + 1)) % (vocab - 4) for i in range(args.prompt_len)] for r in range(args.batch)]
+    else:
+        loaded = load(args.model, device=args.device, dtype=dtype)
+        model, name = loaded.model, str(loaded.path)
+        text = Path(bench.__file__).read_text()
+        ids = loaded.tokenizer.encode(text)[: args.prompt_len]
+        prompts = [ids[r:] + ids[:r] for r in range(args.batch)]
+    if max_len > model.config.max_seq_len:
+        raise UnmaskError(f"--prompt-len + --gen = {max_len} exceeds the model's context of {model.config.max_seq_len}")
+    ar = bench.as_autoregressive(model) if model.config.attention != "causal" else model
+    if args.ar_model:
+        ar = load(args.ar_model, device=args.device, dtype=dtype).model
+        if ar.config.attention != "causal":
+            raise UnmaskError(f"--ar-model {args.ar_model} is not autoregressive (attention {ar.config.attention})")
+    settings = [s for s in bench.default_settings(args.gen, args.block) if args.only in ("all", s.kind)]
+    console = Console(stderr=True)
+    table = Table(title=f"unmask bench · {name}", title_justify="left")
+    for column in ("setting", "NFE", "tok/fwd", "ms/fwd", "tok/s", "x floor"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    with console.status("timing...") if console.is_terminal else _nullcontext():
+        report = bench.run_bench(model, ar, prompts, settings, repeats=args.repeats, model_name=name)
+    for row in report["rows"]:
+        table.add_row(
+            row["label"], f"{row['nfe']:.0f}", f"{row['tokens_per_forward']:.2f}", f"{row['ms_per_forward']:.2f}",
+            f"{row['tokens_per_s']:.1f}", f"{row['floor_multiple']:.2f}",
+        )
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    console.print(
+        f"[dim]{report['device']} · torch {report['torch']} · {report['dtype']} · {report['params'] / 1e6:.1f}M params · "
+        f"batch {report['batch']} · prompt {report['prompt_len']} · gen {report['gen_len']} · block {report['block']} · "
+        f"bandwidth {report['bandwidth_gb_s']:.0f} GB/s · weight-read floor {report['floor_ms']:.3f} ms[/dim]",
+        highlight=False,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _nullcontext():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "infill": cmd_infill,
     "train": cmd_train,
     "tokenizer": cmd_tokenizer,
     "info": cmd_info,
+    "pull": cmd_pull,
+    "list": cmd_list,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
+    "bench": cmd_bench,
 }
 
 

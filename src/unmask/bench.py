@@ -1,0 +1,205 @@
+"""Speed benchmark: diffusion decoding settings against AR decoding, same model size, same run.
+
+Reports, per setting: forward passes (NFE), tokens per forward (TPF), ms per forward pass,
+tokens/s, and the step time as a multiple of the weight-read floor: at batch 1 a forward pass
+cannot beat reading every weight once from memory, ``weight bytes / bandwidth``, with the
+bandwidth measured on the same device in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from unmask.decoding import GenerationConfig, decode
+from unmask.errors import UnmaskError
+from unmask.models.config import ModelConfig
+from unmask.models.transformer import Transformer
+
+# Published model shapes, built with random weights on the device (no download needed).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llada-8b": dict(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=12288, rope_theta=500000.0),
+    "dream-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944, qkv_bias=True),
+    "coder-nano": dict(vocab_size=12288, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408),
+    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176),
+}
+
+
+@dataclass
+class Setting:
+    """One decoding setting to time."""
+
+    label: str  # shown in the table
+    kind: str  # diffusion | ar
+    config: GenerationConfig
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str
+    policy: str
+    steps: int | None
+    cache: str
+    nfe: float  # forward passes per sequence (median over repeats)
+    tokens: float  # generated tokens per sequence
+    tokens_per_forward: float
+    ms_per_forward: float
+    tokens_per_s: float  # over the whole batch
+    floor_multiple: float  # ms per forward / weight-read floor (1.0 = at the limit)
+    seconds: list[float] = field(default_factory=list)  # wall time of each timed repeat
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: int) -> Transformer:
+    """A model of a published shape with random weights, built directly on ``device``."""
+    if shape not in SHAPES:
+        raise UnmaskError(f"unknown shapes {shape!r} (choose from {', '.join(SHAPES)})")
+    vocab = SHAPES[shape]["vocab_size"]
+    config = ModelConfig(
+        **SHAPES[shape], max_seq_len=max(max_len, 64), attention="bidirectional",
+        mask_token_id=vocab - 1, eos_token_id=0, pad_token_id=1, init_std=0.02,
+    )
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+    return model.to(dtype).eval()
+
+
+def as_autoregressive(model: Transformer) -> Transformer:
+    """The same weights read as a causal, shifted (AR) model: a shallow copy with another config."""
+    twin = copy.copy(model)
+    twin.config = replace(model.config, attention="causal", shifted=True)
+    return twin
+
+
+def measure_bandwidth(device: torch.device, megabytes: int = 1024) -> float:
+    """Device memory bandwidth in bytes/s from large copies (each reads and writes every byte)."""
+    n = megabytes * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        sync(device)
+        began = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - began)
+    return 2 * src.numel() * src.element_size() / min(times[1:])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes a forward pass must read: every distinct parameter once (tied weights once)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def default_settings(gen: int, block: int) -> list[Setting]:
+    """Diffusion at several fixed tokens-per-step, with and without block caches, then AR."""
+    out = []
+    base = dict(max_new_tokens=gen, block_size=block, stop_at_eos=False)
+    for tpf in (1, 2, 4, 8):
+        steps = max(gen // tpf, 1)
+        for cache in ("none", "prefix", "dual"):
+            if tpf == 1 and cache != "none":
+                continue
+            label = f"confidence {tpf}/step" + ("" if cache == "none" else f" +{cache} cache")
+            out.append(Setting(label, "diffusion", GenerationConfig(**base, steps=steps, policy="confidence", cache=cache)))
+    for tau in (0.9, 0.7):
+        out.append(Setting(f"threshold {tau} +dual cache", "diffusion", GenerationConfig(**base, policy="threshold", threshold=tau, cache="dual")))
+    out.append(Setting("AR, KV cache", "ar", GenerationConfig(max_new_tokens=gen, stop_at_eos=False)))
+    return out
+
+
+def time_setting(
+    model: Transformer, prompts: list[list[int]], setting: Setting, repeats: int, floor_ms: float, device: torch.device
+) -> Row:
+    """Median over ``repeats`` timed runs after one warm-up run."""
+    runs = []
+    for i in range(repeats + 1):
+        sync(device)
+        began = time.perf_counter()
+        result = decode(model, prompts, setting.config, seeds=list(range(len(prompts))))
+        sync(device)
+        if i:
+            runs.append((time.perf_counter() - began, result))
+    seconds = [s for s, _ in runs]
+    wall, result = sorted(runs, key=lambda x: x[0])[len(runs) // 2]
+    tokens = sum(len(s) for s in result.sequences)
+    ms = 1000 * wall / max(result.nfe, 1)
+    return Row(
+        label=setting.label,
+        kind=setting.kind,
+        policy=setting.config.policy if setting.kind == "diffusion" else "ar",
+        steps=setting.config.steps,
+        cache=setting.config.cache if setting.kind == "diffusion" else "kv",
+        nfe=result.nfe,
+        tokens=tokens / len(prompts),
+        tokens_per_forward=result.tokens_per_forward,
+        ms_per_forward=ms,
+        tokens_per_s=tokens / wall,
+        floor_multiple=ms / floor_ms,
+        seconds=seconds,
+    )
+
+
+def run_bench(
+    diffusion: Transformer,
+    ar: Transformer | None,
+    prompts: list[list[int]],
+    settings: list[Setting],
+    *,
+    repeats: int = 3,
+    model_name: str = "",
+    on_row: Any = None,
+) -> dict[str, Any]:
+    """Time every setting; returns the report (environment, shapes, floor, rows)."""
+    device = next(diffusion.parameters()).device
+    bandwidth = measure_bandwidth(device, 1024 if device.type == "cuda" else 256)
+    wbytes = weight_bytes(diffusion)
+    floor_ms = 1000 * wbytes / bandwidth
+    rows = []
+    with torch.inference_mode():
+        for setting in settings:
+            if setting.kind == "ar" and ar is None:
+                continue
+            model = diffusion if setting.kind == "diffusion" else ar
+            row = time_setting(model, prompts, setting, repeats, floor_ms, device)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    mc = diffusion.config
+    return {
+        "model": model_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "dtype": str(next(diffusion.parameters()).dtype).replace("torch.", ""),
+        "params": sum(p.numel() for p in diffusion.parameters()),
+        "shape": {k: getattr(mc, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")},
+        "batch": len(prompts),
+        "prompt_len": len(prompts[0]),
+        "gen_len": settings[0].config.max_new_tokens if settings else 0,
+        "block": settings[0].config.block_size if settings else None,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": wbytes,
+        "floor_ms": floor_ms,
+        "rows": [asdict(r) for r in rows],
+    }
