@@ -14,6 +14,10 @@ AttentionMode = Literal["bidirectional", "causal", "block"]
 ATTENTION_MODES = ("bidirectional", "causal", "block")
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and value > 0
+
+
 @dataclass
 class ModelConfig:
     """Shape and special tokens of a transformer; knows nothing of diffusion schedules."""
@@ -23,6 +27,7 @@ class ModelConfig:
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # query heads
     n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    head_dim: int | None = None  # width of one attention head; None = d_model // n_heads (Qwen3 sets it apart)
     d_ff: int | None = None  # hidden width of the SwiGLU MLP; None = 8/3 * d_model rounded up to 64
     max_seq_len: int = 512  # longest sequence (prompt + answer) the model was trained for
     rope_theta: float = 10000.0  # base of the rotary position frequencies
@@ -30,6 +35,7 @@ class ModelConfig:
     attention: AttentionMode = "bidirectional"  # bidirectional (diffusion), causal (AR), block (block diffusion)
     block_size: int = 32  # block length of block-causal attention; unused by the other modes
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2-style checkpoints)
+    qk_norm: bool = False  # RMSNorm on each query/key head before rotary positions (Qwen3-style checkpoints)
     tie_embeddings: bool = False  # share the embedding matrix with the output head
     shifted: bool = False  # logits at position i predict token i + 1 (AR models, Dream-style dLLMs)
     mask_token_id: int | None = None  # id of [MASK]; required for diffusion decoding
@@ -43,11 +49,11 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
             self.d_ff = 64 * -(-(8 * self.d_model // 3) // 64)
+        if self.head_dim is None and _positive(self.d_model) and _positive(self.n_heads):
+            if self.d_model % self.n_heads:
+                raise UnmaskError(f"invalid model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.d_model // self.n_heads
         self.validate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -55,10 +61,9 @@ class ModelConfig:
                 raise UnmaskError(f"invalid model config: {msg}")
 
         need(self.attention in ATTENTION_MODES, f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "block_size"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "block_size"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+            need(_positive(value), f"{name} must be a positive integer, got {value!r}")
         need(self.head_dim % 2 == 0, f"head dimension {self.head_dim} must be even for rotary embeddings")
         need(self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):

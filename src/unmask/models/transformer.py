@@ -79,7 +79,13 @@ class KVCache:
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
-    def write_meta(self, start: int, positions: Tensor, valid: Tensor) -> None:
+    def write_meta(self, start: int | Tensor, positions: Tensor, valid: Tensor) -> None:
+        if isinstance(start, Tensor):  # static shapes: slots from a device tensor, attention over the whole buffer
+            slots = start + torch.arange(positions.shape[1], device=positions.device)
+            self.positions.index_copy_(1, slots, positions)
+            self.valid.index_copy_(1, slots, valid)
+            self.length = self.capacity
+            return
         end = start + positions.shape[1]
         if start < 0 or end > self.capacity:
             raise ValueError(f"cache slots [{start}, {end}) outside capacity {self.capacity}")
@@ -87,7 +93,12 @@ class KVCache:
         self.valid[:, start:end] = valid
         self.length = max(self.length, end)
 
-    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def write(self, layer: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(start, Tensor):
+            slots = start + torch.arange(k.shape[2], device=k.device)
+            self.keys[layer].index_copy_(2, slots, k)
+            self.values[layer].index_copy_(2, slots, v)
+            return self.keys[layer], self.values[layer]
         end = start + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
@@ -124,6 +135,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -132,12 +145,14 @@ class Attention(nn.Module):
         mask: Tensor | None,
         cache: KVCache | None,
         layer: int,
-        cache_start: int,
+        cache_start: int | Tensor,
     ) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.write(layer, cache_start, k, v)
@@ -166,7 +181,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rope, mask, cache, layer: int, cache_start: int) -> Tensor:
+    def forward(self, x: Tensor, rope, mask, cache, layer: int, cache_start: int | Tensor) -> Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, cache_start)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -212,7 +227,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         valid: Tensor | None = None,
         cache: KVCache | None = None,
-        cache_start: int | None = None,
+        cache_start: int | Tensor | None = None,
         logits_index: Tensor | slice | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
@@ -221,7 +236,9 @@ class Transformer(nn.Module):
         positions: [B, T] position of each token (default 0..T-1, or continuing the cache).
         valid: [B, T] False for padding, which no query attends to.
         cache: keys/values of earlier slots; this call's are written at ``cache_start``
-            (default: appended after ``cache.length``).
+            (default: appended after ``cache.length``). A tensor ``cache_start`` keeps every
+            shape static (for CUDA graphs): slots are written by index and attention spans the
+            whole buffer, its unwritten slots masked by ``cache.valid``; ``positions`` is required.
         logits_index: which of the T positions to compute logits for (default all).
         attn_mask: [B, 1, T, S] boolean mask replacing the one the attention mode implies
             (training objectives that attend in patterns no mode describes, e.g. block diffusion).
@@ -231,6 +248,8 @@ class Transformer(nn.Module):
         if cache is not None:
             start = cache.length if cache_start is None else cache_start
         if positions is None:
+            if isinstance(start, Tensor):
+                raise ValueError("a tensor cache_start needs explicit positions")
             positions = torch.arange(start, start + t, device=ids.device).expand(b, t)
         if cache is not None:
             if valid is None:

@@ -1,0 +1,199 @@
+"""Static-shape diffusion decoding: the fast path for bidirectional models on a GPU.
+
+The same semi-autoregressive block decoding as ``generate`` with the dual block cache, arranged
+so that every tensor keeps its shape and nothing waits for the host inside a block:
+- the canvas is right-padded to a bucket of ``bucket`` slots, so prompts of many lengths share
+  one shape; the KV cache is written by index from a device tensor (``cache_start`` as a tensor);
+- a block starts with one full pass (which also fills the cache) and then runs fixed-width
+  passes over the block alone; both can be captured as CUDA graphs (``compile=True`` uses
+  ``torch.compile(mode="reduce-overhead")``);
+- predictions and the policy run on the device: greedy tokens or float32 Gumbel-max with a
+  per-row device generator; confidence is ``exp(logit - logsumexp)`` in float32, no float64
+  softmax; the confidence policy's per-step counts come from the host schedule, so the only
+  host reads are once per block (is everything finished?) and, for the threshold policy, once
+  per step (is the block finished?).
+Rows of a batch move through blocks together; a row whose block is done commits nothing while
+the others finish, so its output does not depend on the batch. Greedy results equal
+``generate(..., cache="dual")``; sampled ones use another random stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from unmask.decoding.generate import (
+    GenerationConfig,
+    GenerationResult,
+    block_bounds,
+    block_budgets,
+    check_prompts,
+    end_ids,
+    finish,
+    model_device,
+    pad_batch,
+    result,
+    spread,
+)
+from unmask.decoding.sampling import filter_logits
+from unmask.errors import UnmaskError
+from unmask.models.transformer import KVCache
+
+FAST_POLICIES = ("confidence", "threshold")
+
+
+def unsupported(model: nn.Module, config: GenerationConfig) -> str | None:
+    """Why the fast path cannot run this model/config (None when it can)."""
+    mc = model.config
+    if mc.attention != "bidirectional":
+        return f"the fast path decodes bidirectional models; this one is {mc.attention}"
+    if config.policy not in FAST_POLICIES:
+        return f"the fast path supports the policies {', '.join(FAST_POLICIES)}, not {config.policy}"
+    if mc.mask_token_id is None:
+        return "diffusion decoding needs a model with mask_token_id"
+    return None
+
+
+def choose(
+    logits: Tensor,
+    block: Tensor,
+    config: GenerationConfig,
+    mask_id: int,
+    count: Tensor | None,
+    steps_left: int,
+    noise: Tensor | None,
+) -> Tensor:
+    """The block after one step: logits [B, W, V] predict each slot of ``block`` [B, W]."""
+    b, w, v = logits.shape
+    filtered = filter_logits(
+        logits.reshape(b * w, v), temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mask_id=mask_id
+    ).view(b, w, v)
+    tokens = (filtered if noise is None else filtered + noise).argmax(dim=-1)
+    confidence = (filtered.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(filtered, dim=-1)).exp()
+    masked = block == mask_id
+    confidence = confidence.masked_fill(~masked, -1.0)
+    order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(w, device=block.device).expand(b, w))
+    if count is None:  # threshold: every confident one, at least one, at least what the step budget needs
+        need = (masked.sum(-1) + steps_left - 1) // steps_left
+        count = torch.maximum((confidence >= config.threshold).sum(-1), need.clamp(min=1))[:, None]
+    return torch.where((rank < count) & masked, tokens, block)
+
+
+def early_stop(region: Tensor, ends: Tensor, mask_id: int) -> Tensor:
+    """Rows whose first end token has everything before it decided: the rest becomes that token."""
+    n = region.shape[1]
+    is_end = torch.isin(region, ends)
+    first_end = torch.where(is_end.any(-1), is_end.int().argmax(-1), n)
+    masked = region == mask_id
+    first_mask = torch.where(masked.any(-1), masked.int().argmax(-1), n)
+    fill = (first_end < first_mask)[:, None] & (torch.arange(n, device=region.device) > first_end[:, None])
+    end_token = region.gather(1, first_end.clamp(max=n - 1)[:, None])
+    return torch.where(fill, end_token, region)
+
+
+class FastDecoder:
+    """Decodes batches with static shapes; keeps compiled passes per shape for reuse across calls."""
+
+    def __init__(self, model: nn.Module, *, compile: bool = False, bucket: int = 64, backend: str = "inductor") -> None:
+        self.model, self.compile, self.bucket = model, compile, bucket
+        self.shapes: set[tuple[str, int, int]] = set()  # (pass, batch, width) shapes run so far
+        self._full: Callable[..., Tensor] = self._full_pass
+        self._block: Callable[..., Tensor] = self._block_pass
+        self._caches: dict[tuple[int, int], KVCache] = {}
+        if compile:  # CUDA graphs through inductor's reduce-overhead mode; other backends check traceability
+            options = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
+            self._full = torch.compile(self._full_pass, fullgraph=True, **options)
+            self._block = torch.compile(self._block_pass, fullgraph=True, **options)
+
+    def _full_pass(self, ids: Tensor, positions: Tensor, valid: Tensor, cache: KVCache, index: Tensor) -> Tensor:
+        zero = torch.zeros((), dtype=torch.long, device=ids.device)
+        return self.model(ids, positions, valid, cache=cache, cache_start=zero, logits_index=index)
+
+    def _block_pass(self, ids: Tensor, positions: Tensor, valid: Tensor, cache: KVCache, slot: Tensor, width: int) -> Tensor:
+        return self.model(ids, positions, valid, cache=cache, cache_start=slot, logits_index=slice(0, width))
+
+    def _cache(self, batch: int, capacity: int) -> KVCache:
+        """One cache per (batch, capacity), reused across calls so compiled graphs keep their addresses."""
+        key = (batch, capacity)
+        if key not in self._caches:
+            param = next(self.model.parameters())
+            cache = KVCache.allocate(self.model.config, batch, capacity, dtype=param.dtype, device=param.device)
+            if self.compile:
+                for t in [*cache.keys, *cache.values, cache.positions, cache.valid]:
+                    torch._dynamo.mark_static_address(t)
+            self._caches[key] = cache
+        return self._caches[key]
+
+    def generate(
+        self, prompts: list[list[int]], config: GenerationConfig, *, seeds: list[int] | None = None
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        config.validate()
+        model, mc = self.model, self.model.config
+        reason = unsupported(model, config)
+        if reason:
+            raise UnmaskError(reason)
+        prompts = [list(p) for p in prompts]
+        mask_id, n, batch = mc.mask_token_id, config.max_new_tokens, len(prompts)
+        check_prompts(model, prompts, [n] * batch)
+        shift = 1 if mc.shifted else 0
+        if shift and any(not p for p in prompts):
+            raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
+        device = model_device(model)
+        pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
+        canvas = pad_batch(prompts, n, mask_id, [[] for _ in prompts], pad, device)
+        width = canvas.ids.shape[1]
+        capacity = -(-width // self.bucket) * self.bucket
+        ids = torch.full((batch, capacity), pad, dtype=torch.long, device=device)
+        ids[:, :width] = canvas.ids
+        positions = torch.arange(capacity, device=device).expand(batch, capacity).clone()
+        positions[:, :width] = canvas.positions
+        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        valid[:, :width] = True if canvas.valid is None else canvas.valid
+        cache = self._cache(batch, capacity)
+        start = canvas.start
+        ends_list = end_ids(mc, config)
+        ends = torch.tensor(ends_list, dtype=torch.long, device=device) if config.stop_at_eos and ends_list else None
+        gens = None
+        if config.temperature > 0:
+            base = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()))
+            gens = [torch.Generator(device=device).manual_seed(int(seeds[r] if seeds else base)) for r in range(batch)]
+        steps = torch.zeros(batch, dtype=torch.long, device=device)
+        nfe = 0
+        blocks = block_bounds(n, config.block_size or n)
+        for (s, e), budget in zip(blocks, block_budgets(blocks, n, config.steps)):
+            if not bool((ids[:, start : start + n] == mask_id).any()):
+                break  # every row ended early
+            w, lo = e - s, start + s - shift
+            index = torch.arange(lo, lo + w, device=device)
+            slot = torch.tensor(lo, device=device)
+            quotas = spread(w, budget)
+            for step in range(budget):
+                if step == 0 or (config.cache_refresh is not None and step % config.cache_refresh == 0):
+                    self.shapes.add(("full", batch, capacity))
+                    logits = self._full(ids, positions, valid, cache, index)
+                else:
+                    self.shapes.add(("block", batch, w + shift))
+                    hi = start + e
+                    logits = self._block(ids[:, lo:hi], positions[:, lo:hi], valid[:, lo:hi], cache, slot, w)
+                nfe += 1
+                block = ids[:, start + s : start + e]
+                steps += (block == mask_id).any(-1)
+                noise = None
+                if gens is not None:
+                    u = torch.stack([torch.rand((w, logits.shape[-1]), generator=g, device=device) for g in gens])
+                    noise = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+                count = None
+                if config.policy == "confidence":
+                    count = torch.tensor(quotas[step], device=device)
+                ids[:, start + s : start + e] = choose(logits, block, config, mask_id, count, budget - step, noise)
+                if ends is not None:
+                    ids[:, start : start + n] = early_stop(ids[:, start : start + n], ends, mask_id)
+                if count is None and not bool((ids[:, start + s : start + e] == mask_id).any()):
+                    break
+        sequences, reasons = finish(ids[:, start : start + n].tolist(), ends_list, config.stop_at_eos)
+        return result(sequences, reasons, nfe, steps.tolist(), None, started)
