@@ -14,7 +14,7 @@ from unmask.models.config import ModelConfig
 from unmask.models.transformer import Transformer
 
 
-def make_model(attention: str = "bidirectional", shifted: bool = False, seed: int = 0) -> Transformer:
+def make_model(attention: str = "bidirectional", shifted: bool = False, seed: int = 0, sharpen: float = 50.0) -> Transformer:
     torch.manual_seed(seed)
     config = ModelConfig(
         vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
@@ -22,7 +22,7 @@ def make_model(attention: str = "bidirectional", shifted: bool = False, seed: in
     )
     model = Transformer(config).eval()
     with torch.no_grad():  # peaked predictions, so that rounding never reorders near-tied candidates
-        model.norm.weight.mul_(50.0)
+        model.norm.weight.mul_(sharpen)
     return model
 
 

@@ -88,3 +88,39 @@ def test_unsupported_settings_are_named():
         FastDecoder(make_model()).generate([[5]], GenerationConfig(max_new_tokens=4, policy="entropy"))
     with pytest.raises(UnmaskError, match="bidirectional"):
         FastDecoder(make_model("block")).generate([[5]], GenerationConfig(max_new_tokens=4, block_size=4))
+
+
+class Recording(torch.nn.Module):
+    """Wraps a model and keeps the last-position logits of every call."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.inner, self.config, self.logits = model, model.config, []
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        self.logits.append(out[:, -1].clone())
+        return out
+
+
+def test_fast_ar_equals_ar_generate_and_reuses_its_cache_cleanly():
+    from unmask.decoding import ar_generate
+    from unmask.decoding.fast import FastARDecoder
+
+    model = make_model("causal", shifted=True)
+    config = GenerationConfig(max_new_tokens=12)
+    recording = Recording(model)
+    decoder = FastARDecoder(recording, bucket=32)
+    padded, unpadded = [[5], list(range(5, 14))], [list(range(5, 14)), [5]]
+    # A later call must not see an earlier call's slots: row 0 is first padded by 8 slots, then not at all.
+    for rows in (prompts(3, seed=8), padded, unpadded):
+        recording.logits.clear()
+        out = decoder.generate(rows, config).sequences
+        assert out == ar_generate(model, rows, config).sequences
+        # every step's logits equal a plain pass over the whole row so far, no cache, no padding
+        for r, (prompt, generated) in enumerate(zip(rows, out)):
+            full = model(torch.tensor([prompt + generated]))[0]
+            for i, step_logits in enumerate(recording.logits[: len(generated)]):
+                torch.testing.assert_close(step_logits[r], full[len(prompt) - 1 + i], atol=1e-4, rtol=1e-4)
+    traced = FastARDecoder(model, compile=True, backend="eager")
+    assert traced.generate(unpadded, config).sequences == ar_generate(model, unpadded, config).sequences

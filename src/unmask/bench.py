@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from unmask.decoding import GenerationConfig, decode
+from unmask.decoding.fast import FastARDecoder, FastDecoder
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.transformer import Transformer
@@ -36,7 +37,7 @@ class Setting:
     """One decoding setting to time."""
 
     label: str  # shown in the table
-    kind: str  # diffusion | ar
+    kind: str  # diffusion | ar (reference loops) | fast | fast-ar (static shapes, CUDA graphs on a GPU)
     config: GenerationConfig
 
 
@@ -112,32 +113,50 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def default_settings(gen: int, block: int) -> list[Setting]:
-    """Diffusion at several fixed tokens-per-step, with and without block caches, then AR."""
+def default_settings(gen: int, block: int, tpfs: tuple[int, ...] = (1, 2, 4, 8), thresholds: tuple[float, ...] = (0.9, 0.7)) -> list[Setting]:
+    """Diffusion at fixed tokens-per-step with and without block caches, thresholds, the fast paths, then AR.
+
+    Fixed tokens-per-step settings time a forward pass independently of what the model predicts,
+    which is what random weights allow; thresholds commit what the model is sure of, which only
+    means something for a trained model.
+    """
     out = []
     base = dict(max_new_tokens=gen, block_size=block, stop_at_eos=False)
-    for tpf in (1, 2, 4, 8):
+    for tpf in tpfs:
         steps = max(gen // tpf, 1)
         for cache in ("none", "prefix", "dual"):
             if tpf == 1 and cache != "none":
                 continue
             label = f"confidence {tpf}/step" + ("" if cache == "none" else f" +{cache} cache")
             out.append(Setting(label, "diffusion", GenerationConfig(**base, steps=steps, policy="confidence", cache=cache)))
-    for tau in (0.9, 0.7):
+    for tau in thresholds:
         out.append(Setting(f"threshold {tau} +dual cache", "diffusion", GenerationConfig(**base, policy="threshold", threshold=tau, cache="dual")))
+    for tpf in tpfs:
+        config = GenerationConfig(**base, steps=max(gen // tpf, 1), policy="confidence", cache="dual")
+        out.append(Setting(f"fast: confidence {tpf}/step +dual cache", "fast", config))
+    for tau in thresholds:
+        config = GenerationConfig(**base, policy="threshold", threshold=tau, cache="dual")
+        out.append(Setting(f"fast: threshold {tau} +dual cache", "fast", config))
     out.append(Setting("AR, KV cache", "ar", GenerationConfig(max_new_tokens=gen, stop_at_eos=False)))
+    out.append(Setting("fast: AR, static KV cache", "fast-ar", GenerationConfig(max_new_tokens=gen, stop_at_eos=False)))
     return out
 
 
 def time_setting(
     model: Transformer, prompts: list[list[int]], setting: Setting, repeats: int, floor_ms: float, device: torch.device
 ) -> Row:
-    """Median over ``repeats`` timed runs after one warm-up run."""
+    """Median over ``repeats`` timed runs after one warm-up run (which also compiles, on a GPU)."""
+    run = lambda: decode(model, prompts, setting.config, seeds=seeds)  # noqa: E731
+    seeds = list(range(len(prompts)))
+    if setting.kind in ("fast", "fast-ar"):
+        kind = FastDecoder if setting.kind == "fast" else FastARDecoder
+        decoder = kind(model, compile=device.type == "cuda")
+        run = lambda: decoder.generate(prompts, setting.config, seeds=seeds)  # noqa: E731
     runs = []
     for i in range(repeats + 1):
         sync(device)
         began = time.perf_counter()
-        result = decode(model, prompts, setting.config, seeds=list(range(len(prompts))))
+        result = run()
         sync(device)
         if i:
             runs.append((time.perf_counter() - began, result))
@@ -148,9 +167,9 @@ def time_setting(
     return Row(
         label=setting.label,
         kind=setting.kind,
-        policy=setting.config.policy if setting.kind == "diffusion" else "ar",
+        policy="ar" if setting.kind.endswith("ar") else setting.config.policy,
         steps=setting.config.steps,
-        cache=setting.config.cache if setting.kind == "diffusion" else "kv",
+        cache="kv" if setting.kind.endswith("ar") else setting.config.cache,
         nfe=result.nfe,
         tokens=tokens / len(prompts),
         tokens_per_forward=result.tokens_per_forward,
@@ -179,9 +198,10 @@ def run_bench(
     rows = []
     with torch.inference_mode():
         for setting in settings:
-            if setting.kind == "ar" and ar is None:
+            is_ar = setting.kind.endswith("ar")
+            if is_ar and ar is None:
                 continue
-            model = diffusion if setting.kind == "diffusion" else ar
+            model = ar if is_ar else diffusion
             row = time_setting(model, prompts, setting, repeats, floor_ms, device)
             rows.append(row)
             if on_row is not None:

@@ -197,3 +197,83 @@ class FastDecoder:
                     break
         sequences, reasons = finish(ids[:, start : start + n].tolist(), ends_list, config.stop_at_eos)
         return result(sequences, reasons, nfe, steps.tolist(), None, started)
+
+
+class FastARDecoder:
+    """AR decoding with a preallocated KV cache and a static one-token step (a CUDA graph when compiled)."""
+
+    def __init__(self, model: nn.Module, *, compile: bool = False, bucket: int = 64, backend: str = "inductor") -> None:
+        if not model.config.shifted:
+            raise UnmaskError("AR decoding needs a shifted model (logit i predicts token i + 1)")
+        self.model, self.bucket = model, bucket
+        self._step: Callable[..., Tensor] = self._step_pass
+        self._caches: dict[tuple[int, int], KVCache] = {}
+        self.compile = compile
+        if compile:
+            options = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
+            self._step = torch.compile(self._step_pass, fullgraph=True, **options)
+
+    def _step_pass(self, token: Tensor, position: Tensor, valid: Tensor, cache: KVCache, slot: Tensor) -> Tensor:
+        return self.model(token, position, valid, cache=cache, cache_start=slot)[:, -1]
+
+    def generate(
+        self, prompts: list[list[int]], config: GenerationConfig, *, seeds: list[int] | None = None
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        config.validate()
+        model, mc = self.model, self.model.config
+        if config.temperature > 0 or config.top_k or config.top_p:
+            raise UnmaskError("the fast AR path decodes greedily; use ar_generate for sampling")
+        prompts = [list(p) for p in prompts]
+        n, batch = config.max_new_tokens, len(prompts)
+        check_prompts(model, prompts, [n] * batch)
+        if any(not p for p in prompts):
+            raise UnmaskError("AR decoding needs a non-empty prompt (at least a BOS token)")
+        device = model_device(model)
+        pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
+        canvas = pad_batch(prompts, 0, pad, [[] for _ in prompts], pad, device)
+        width = canvas.ids.shape[1]
+        capacity = -(-(width + n) // self.bucket) * self.bucket
+        key = (batch, capacity)
+        if key not in self._caches:
+            param = next(model.parameters())
+            self._caches[key] = KVCache.allocate(mc, batch, capacity, dtype=param.dtype, device=param.device)
+            if self.compile:
+                cache = self._caches[key]
+                for t in [*cache.keys, *cache.values, cache.positions, cache.valid]:
+                    torch._dynamo.mark_static_address(t)
+        cache = self._caches[key]
+        cache.valid.zero_()  # slots of an earlier call must not be seen
+        valid = torch.ones_like(canvas.ids, dtype=torch.bool) if canvas.valid is None else canvas.valid
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        mask_id = mc.mask_token_id
+        with torch.no_grad():
+            logits = model(canvas.ids, canvas.positions, valid, cache=cache, cache_start=zero, logits_index=slice(width - 1, width))[:, 0]
+            if mask_id is not None:
+                logits[:, mask_id] = float("-inf")
+            out = torch.empty(batch, n, dtype=torch.long, device=device)
+            token = logits.argmax(-1, keepdim=True)
+            position = canvas.positions[:, -1:] + 1
+            slot = torch.tensor(width, device=device)
+            ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
+            ends_list = end_ids(mc, config)
+            ends = torch.tensor(ends_list, dtype=torch.long, device=device) if config.stop_at_eos and ends_list else None
+            nfe, written = 1, n
+            for i in range(n):
+                out[:, i : i + 1] = token
+                if i == n - 1:
+                    break
+                if ends is not None and i % 16 == 15 and bool(torch.isin(out[:, : i + 1], ends).any(-1).all()):
+                    written = i + 1
+                    break
+                logits = self._step(token, position, ones, cache, slot).clone()
+                if mask_id is not None:
+                    logits[:, mask_id] = float("-inf")
+                token = logits.argmax(-1, keepdim=True)
+                position = position + 1
+                slot = slot + 1
+                nfe += 1
+        rows = out[:, :written].tolist()
+        sequences, reasons = finish(rows, ends_list, config.stop_at_eos)
+        steps = [min(len(s) + (r == "stop"), written) for s, r in zip(sequences, reasons)]
+        return result(sequences, reasons, nfe, steps, None, started)
