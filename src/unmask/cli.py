@@ -4,11 +4,13 @@
     unmask infill --prefix "def add(a, b):\n    " --suffix "\n" --max-new-tokens 16
     unmask train configs/tiny-cpu.toml
     unmask tokenizer train --vocab-size 4096 --out tok/ src/
+    unmask data build --tokenizer tok/ --out data/ src/
     unmask info MODEL_DIR
     unmask pull GSAI-ML/LLaDA-8B-Instruct
     unmask list
     unmask chat GSAI-ML/LLaDA-8B-Instruct --steps 64
     unmask serve MODEL_DIR --port 8000
+    unmask eval humaneval --limit 20 --json he.json
 
 Only the completion goes to stdout, so output pipes cleanly; progress, the live view and
 statistics go to stderr. User mistakes print one line and exit with status 1 (2 for bad flags).
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training config (TOML)")
     train.add_argument("--steps", type=positive_int, help="override [train] steps")
     train.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    train.add_argument(
+        "--nproc-per-node", type=positive_int,
+        help="launch this many processes with torchrun (DDP, or FSDP2 with [train] parallel = \"fsdp\")",
+    )
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
@@ -110,8 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_commands(sub)
     _add_serve_command(sub)
+    _add_data_command(sub)
     _add_bench_command(sub)
+    _add_eval_commands(sub)
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    values = tuple(positive_int(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(_bounded(float, 0.0, 1.0)(part) for part in text.split(",") if part.strip())
 
 
 def _add_bench_command(sub: argparse._SubParsersAction) -> None:
@@ -129,8 +150,45 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                        help="auto: bfloat16 on CUDA, float32 on the CPU")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    bench.add_argument("--only", choices=("all", "diffusion", "ar"), default="all")
+    bench.add_argument("--only", choices=("all", "diffusion", "ar", "fast", "fast-ar"), default="all",
+                       help="time one kind of setting only (fast: the static-shape paths)")
+    bench.add_argument("--tpf", type=_int_list, default=(1, 2, 4, 8), help="tokens per step to time, e.g. 1,4,8")
+    bench.add_argument("--thresholds", type=_float_list, default=(0.9, 0.7),
+                       help="threshold-policy settings to time, e.g. 0.9,0.7, or 'none' (random weights are never confident)")
     bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """`eval ppl|humaneval|infill|syntax`: each prints a table and, with --json, writes the full record."""
+    ev = sub.add_parser("eval", help="measure a model: perplexity, HumanEval, infilling, syntax validity")
+    metrics = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
+    ppl = metrics.add_parser("ppl", help="held-out perplexity: ELBO bound (diffusion) and exact (AR), same tokens")
+    ppl.add_argument("--model", help="model directory or cached name (default: the embedded model)")
+    ppl.add_argument("--ar-model", help="also score this model (the AR twin) on the same tokens")
+    ppl.add_argument("--seq-len", type=positive_int, help="tokens per window (default: the smallest context)")
+    ppl.add_argument("--samples", type=positive_int, default=4, help="diffusion times per window (default 4)")
+    ppl.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    kinds = (
+        ("humaneval", "pass@1 on the 164 HumanEval problems, run in a sandbox", 128),
+        ("infill", "single- and multi-line infilling of HumanEval's canonical solutions", 16),
+        ("syntax", "share of completions of held-out function headers that parse", 128),
+    )
+    for name, text, tokens in kinds:
+        p = metrics.add_parser(name, help=text, description=text + (
+            "; each hole gets a canvas of 1.5x its true length (--max-new-tokens is not used)" if name == "infill" else ""
+        ))
+        _add_decoding_flags(p, default_tokens=tokens)
+        if name != "syntax":
+            p.add_argument("--workers", type=positive_int, default=2, help="programs run at once in the sandbox")
+            p.add_argument("--timeout", type=_bounded(float, 0.0, 600.0, low_open=True), default=5.0, help="seconds per program")
+            p.add_argument("--memory-mb", type=_bounded(int, 64), default=1024, help="address-space limit per program")
+    for name, p in metrics.choices.items():
+        p.add_argument("--limit", type=positive_int, help="evaluate only this many items (windows, problems, headers)")
+        p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+        p.add_argument("--json", metavar="PATH", help="also write the full record (every item) as JSON")
+        if name in ("ppl", "syntax"):
+            p.add_argument("--data", nargs="+", metavar="PATH",
+                           help="held-out data: shard directory, .npy tokens or source files (default: the model's validation split)")
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -252,9 +310,18 @@ def cmd_infill(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from unmask.train.trainer import run_training
 
+    import os
+
+    if args.nproc_per_node and "WORLD_SIZE" not in os.environ:
+        from torch.distributed.run import main as torchrun
+
+        rest = [args.config] + (["--steps", str(args.steps)] if args.steps else []) + (["--fresh"] if args.fresh else [])
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "unmask", "train", *rest])
+        return
     overrides = {"train": {"steps": args.steps}} if args.steps else None
     final = run_training(args.config, overrides=overrides, resume=not args.fresh)
-    print(final)
+    if os.environ.get("RANK", "0") == "0":
+        print(final)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -312,18 +379,29 @@ def cmd_pull(args: argparse.Namespace) -> None:
 def cmd_list(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    from unmask.hub import entries_json, human_count, human_size, list_models
+    from unmask.hub import cache_dir, entries_json, human_count, human_size, list_models
 
     entries = list_models()
     if args.json:
         print(entries_json(entries))
         return
-    table = Table("name", "family", "attention", "parameters", "size", "path", box=None, header_style="bold")
+    table = Table(box=None, header_style="bold", caption=f"cache: {cache_dir()}", caption_justify="left")
+    table.add_column("name", overflow="fold")
+    for column in ("family", "attention", "parameters", "size"):
+        table.add_column(column, no_wrap=True, justify="right" if column in ("parameters", "size") else "left")
+    table.add_column("path", overflow="fold")
+    problems = []
     for e in entries:
-        name = e.name if e.status == "ok" else f"{e.name} [red]({e.status})[/red]"
+        name = Text(e.name)
+        if e.status != "ok":
+            name.append(" (incomplete)" if e.status == "incomplete download" else " (unreadable)", style="red")
+            problems.append(f"{e.name}: {e.status}")
         table.add_row(name, e.family, e.attention, human_count(e.parameters), human_size(e.size_bytes), e.path)
-    Console().print(table, soft_wrap=True)
+    Console().print(table)
+    for line in problems:
+        print(line, file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -339,11 +417,55 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UnmaskError(f"{failed} turn{'s' if failed > 1 else ''} failed")
 
 
+def _add_data_command(sub: argparse._SubParsersAction) -> None:
+    """`data build`: source files -> token shards for `unmask train`."""
+    data = sub.add_parser("data", help="training data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    build = data_sub.add_parser("build", help="tokenise source files into memory-mapped token shards")
+    build.add_argument("sources", nargs="*", help="files, directories, globs, .jsonl or .parquet files "
+                       "(default: this Python's standard library and site-packages)")
+    build.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
+    build.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+    build.add_argument("--workers", type=positive_int, help="tokenising processes (default: the usable CPUs)")
+    build.add_argument("--val-fraction", type=_bounded(float, 0.0, 0.99), default=0.02,
+                       help="share of files held out for validation, chosen by content hash")
+    build.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto")
+    build.add_argument("--suffix", action="append", help="file suffix to read in directories (default .py; repeatable)")
+    build.add_argument("--text-field", default="text", help="field holding the text in JSONL records and Parquet rows")
+    build.add_argument("--max-file-mb", type=_bounded(float, 0.0, low_open=True), default=1.0,
+                       help="skip documents larger than this")
+    build.add_argument("--shard-mb", type=_bounded(float, 0.0, low_open=True), default=32.0, help="source text per shard")
+    build.add_argument("--max-files", type=positive_int, help="keep at most this many files (a uniform sample by hash)")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    import os
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from unmask.tokenizer import Tokenizer
+    from unmask.train.build import BuildOptions, build_shards
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = args.workers or usable
+    options = BuildOptions(
+        val_fraction=args.val_fraction, workers=workers, suffixes=tuple(args.suffix or (".py",)),
+        text_field=args.text_field, max_doc_bytes=int(args.max_file_mb * (1 << 20)),
+        shard_bytes=int(args.shard_mb * (1 << 20)), max_files=args.max_files, dtype=args.dtype,
+    )
+    result = build_shards(args.sources, args.out, Tokenizer.from_dir(args.tokenizer), options)
+    table = Table(title=f"token shards in {result.root}", show_header=False, box=None)
+    for label, value in result.summary_rows():
+        table.add_row(label, value)
+    Console().print(table)
+
+
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     """`serve`: the OpenAI-compatible HTTP server and the playground."""
     serve = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API with a playground")
-    serve.add_argument("model_name", nargs="?", metavar="MODEL", help="model directory (default: --model, else the embedded model)")
-    serve.add_argument("--model", help="model directory (same as MODEL)")
+    serve.add_argument("model_name", nargs="?", metavar="MODEL", help="model directory or cached name (default: --model, else the embedded model)")
+    serve.add_argument("--model", help="model directory or cached name (same as MODEL)")
     serve.add_argument("--ar-model", help="also serve this autoregressive model (for side-by-side races)")
     serve.add_argument("--served-model-name", help="the first model's name in the API (default: its directory name)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
@@ -409,7 +531,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         ar = load(args.ar_model, device=args.device, dtype=dtype).model
         if ar.config.attention != "causal":
             raise UnmaskError(f"--ar-model {args.ar_model} is not autoregressive (attention {ar.config.attention})")
-    settings = [s for s in bench.default_settings(args.gen, args.block) if args.only in ("all", s.kind)]
+    settings = [s for s in bench.default_settings(args.gen, args.block, args.tpf, args.thresholds) if args.only in ("all", s.kind)]
     console = Console(stderr=True)
     table = Table(title=f"unmask bench · {name}", title_justify="left")
     for column in ("setting", "NFE", "tok/fwd", "ms/fwd", "tok/s", "x floor"):
@@ -432,6 +554,36 @@ def cmd_bench(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from unmask.eval import humaneval, infill, perplexity, syntax
+    from unmask.eval.heldout import heldout_tokens
+    from unmask.eval.report import show, write_json
+    from unmask.eval.sandbox import Limits
+    from unmask.loading import load
+
+    loaded = load(args.model, device=args.device)
+    if args.eval_command == "ppl":
+        models = [loaded] + ([load(args.ar_model, device=args.device)] if args.ar_model else [])
+        perplexity.check_same_tokenizer(models)
+        tokens, source = heldout_tokens(loaded.tokenizer, loaded.training, args.data)
+        report = perplexity.evaluate_models(
+            models, tokens, source, seq_len=args.seq_len, limit=args.limit, samples=args.samples, batch_size=args.batch_size
+        )
+    else:
+        config = _generation_config(args, loaded.model.config)
+        common = {"limit": args.limit, "batch_size": args.batch_size}
+        if args.eval_command == "syntax":
+            report = syntax.evaluate(loaded, config, data=args.data, seed=args.seed, **common)
+        else:
+            limits = Limits(timeout=args.timeout, memory_mb=args.memory_mb)
+            module = humaneval if args.eval_command == "humaneval" else infill
+            extra = {"seed": args.seed} if module is infill else {}
+            report = module.evaluate(loaded, config, workers=args.workers, limits=limits, **common, **extra)
+    show(report)
+    if args.json:
+        write_json(report, args.json)
+
+
 def _nullcontext():
     from contextlib import nullcontext
 
@@ -448,7 +600,9 @@ COMMANDS = {
     "list": cmd_list,
     "chat": cmd_chat,
     "serve": cmd_serve,
+    "data": cmd_data,
     "bench": cmd_bench,
+    "eval": cmd_eval,
 }
 
 

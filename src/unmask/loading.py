@@ -1,4 +1,4 @@
-"""Loading a model directory (or the embedded default) together with its tokenizer."""
+"""Loading a model directory (unmask's own or a published checkpoint, or the embedded default) with its tokenizer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from unmask.errors import UnmaskError
+from unmask.hub import resolve_model
+from unmask.models.hf import is_hf_checkpoint, load_hf
 from unmask.models.io import load_model
 from unmask.models.transformer import Transformer
 from unmask.tokenizer import Tokenizer
@@ -54,19 +56,25 @@ def resolve_device(device: str | None) -> torch.device:
 def load(
     path: str | Path | None = None, device: str | None = "auto", dtype: torch.dtype | None = None
 ) -> LoadedModel:
-    """Model + tokenizer from a model directory; ``None`` means the embedded default model.
+    """Model + tokenizer from a model directory or cached name (``hub.resolve_model``); ``None``: the embedded model.
 
-    Weights keep their stored dtype unless ``dtype`` is given, except that half-precision
-    weights are widened to float32 on the CPU, where float32 is both faster and exact.
+    The directory is unmask's own format (``config.json`` with ``"model_type": "unmask"``) or a
+    published checkpoint in its Hugging Face layout (LLaDA, Dream, Fast-dLLM v2, SDAR; see
+    ``unmask.models.hf``). Weights keep their stored dtype unless ``dtype`` is given (e.g.
+    ``torch.bfloat16``), except that half-precision weights are widened to float32 on the CPU,
+    where float32 is both faster and exact.
     """
-    directory = default_model_dir() if path is None else Path(path).expanduser()
+    directory = default_model_dir() if path is None else resolve_model(path)
     if not directory.is_dir():
         raise UnmaskError(f"{directory}: model directory not found")
     device_ = resolve_device(device)
     if dtype is None and device_.type == "cpu":
         dtype = torch.float32
-    model = load_model(directory, device=device_, dtype=dtype)
-    tokenizer = Tokenizer.from_dir(directory)
+    if is_hf_checkpoint(directory):
+        model, tokenizer = load_hf(directory, device=device_, dtype=dtype)
+    else:
+        model = load_model(directory, device=device_, dtype=dtype)
+        tokenizer = Tokenizer.from_dir(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UnmaskError(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"

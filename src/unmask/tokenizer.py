@@ -177,23 +177,18 @@ class Tokenizer:
         return token_id
 
     @classmethod
-    def from_dir(cls, path: str | Path, **overrides: Any) -> Tokenizer:
+    def from_dir(cls, path: str | Path, backend: tokenizers.Tokenizer | None = None, **overrides: Any) -> Tokenizer:
         """Load `tokenizer.json` (+ optional `tokenizer_config.json`) from `path`.
 
         Keyword arguments (`eos`, `mask`, `pad`, `bos`, `fim_*`, `stop`, `chat_template`) override the
         config; unnamed specials fall back to unmask's own token strings when the vocabulary has them.
+        `backend` replaces `tokenizer.json` (a checkpoint that ships `vocab.json` + `merges.txt`).
         """
         root = Path(path)
         if not root.is_dir():
             raise UnmaskError(f"tokenizer directory not found: {root}")
-        tok_file = root / "tokenizer.json"
-        if not tok_file.is_file():
-            raise UnmaskError(f"missing {tok_file}")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(tok_file))
-        except Exception as e:  # the Rust side raises plain Exceptions for any parse problem
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UnmaskError(f"cannot read {tok_file}: {reason}") from None
+        if backend is None:
+            backend = _read_backend(root / "tokenizer.json")
         config = _read_config(root / "tokenizer_config.json")
         kwargs: dict[str, Any] = {}
         defaults = {"eos": EOS, "mask": MASK, "pad": PAD, "fim_prefix": FIM_PREFIX,
@@ -377,6 +372,16 @@ def _check_messages(messages: Any) -> None:
                 raise UnmaskError(f"message {k} {key!r} must be a string, got {type(m[key]).__name__}")
         if not _ROLE_RE.fullmatch(m["role"]):  # roles are template markup: no special tokens in them
             raise UnmaskError(f"message {k} role {m['role'][:40]!r} must be a short word like 'user'")
+
+
+def _read_backend(tok_file: Path) -> tokenizers.Tokenizer:
+    if not tok_file.is_file():
+        raise UnmaskError(f"missing {tok_file}")
+    try:
+        return tokenizers.Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # the Rust side raises plain Exceptions for any parse problem
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnmaskError(f"cannot read {tok_file}: {reason}") from None
 
 
 def _read_config(file: Path) -> dict[str, Any]:

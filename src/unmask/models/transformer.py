@@ -192,13 +192,18 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        # Built under torch.device("meta") to be filled from a checkpoint: skip the random
+        # initialisation, which means nothing there and whose meta kernel is slow to load.
+        meta = torch.empty(0).is_meta
+        blank = torch.empty(config.vocab_size, config.d_model) if meta else None
+        self.embed = nn.Embedding(config.vocab_size, config.d_model, _weight=blank)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.reset_parameters()
+        if not meta:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
