@@ -7,7 +7,12 @@ Layout of ``out_dir/checkpoints/``::
 
 A checkpoint is written into a temporary directory and renamed into place, and ``latest`` is
 replaced atomically afterwards, so a crash at any moment leaves the previous checkpoint usable.
-The optimizer state is flattened into tensors plus a JSON of everything else: nothing is pickled.
+
+Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`` with
+``full_state_dict=True``: a plain, DDP or FSDP2-sharded model all give the same full tensors,
+keyed by parameter name, so a checkpoint written by one process resumes under ``torchrun``
+with any number of processes and the other way round. The optimizer state is flattened into
+tensors named ``state/<parameter>/<key>`` plus a JSON of everything else: nothing is pickled.
 """
 
 from __future__ import annotations
@@ -20,68 +25,136 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from unmask.errors import UnmaskError
-from unmask.models.io import atomic_save_file, load_model, save_model
-from unmask.models.transformer import Transformer
+from unmask.models.config import ModelConfig
+from unmask.models.io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_file, load_model
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
+OPTIMIZER_FORMAT = "fqn-v1"
 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a DDP wrapper (FSDP2 shards in place, so its model is its own inner module)."""
+    return getattr(model, "module", model)
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full model and optimizer state dicts on the CPU of rank 0 (empty elsewhere).
+
+    A collective under FSDP2: every process must call it.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    inner = _inner(model)
+    return get_model_state_dict(inner, options=options), get_optimizer_state_dict(inner, optimizer, options=options)
+
+
+def gather_model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """The full model state dict on the CPU of rank 0 (empty elsewhere); a collective under FSDP2."""
+    return get_model_state_dict(_inner(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _load_optimizer_by_name(module: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any]) -> None:
+    """Name-keyed optimizer state into an optimizer over ordinary (unsharded) parameters."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {index[name]: entry for name, entry in optim_state["state"].items()}
+    groups = [{**g, "params": [index[name] for name in g["params"]]} for g in optim_state["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def restore_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict[str, Any], optim_state: dict[str, Any] | None
+) -> None:
+    """Load full state dicts (every process holds them) into a plain, DDP or FSDP2 model and its optimizer."""
+    inner = _inner(model)
+    state = dict(model_state)
+    if inner.config.tie_embeddings and "head.weight" not in state and "embed.weight" in state:
+        state["head.weight"] = state["embed.weight"]
+    sharded = _is_sharded(inner)
+    if sharded:
+        set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        inner.load_state_dict(state)
+    if optimizer is None or optim_state is None:
+        return
+    if sharded:
+        set_optimizer_state_dict(inner, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        _load_optimizer_by_name(inner, optimizer, optim_state)
+
+
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into named tensors and a JSON-able rest."""
+    """Split a name-keyed optimizer state dict into named tensors and a JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in state["state"].items():
+    for param, entry in state["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"state/{param}/{name}"] = value.detach().contiguous().cpu()
             else:
-                scalars.setdefault(str(index), {})[name] = value
-    groups = []
-    for group in state["param_groups"]:
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()})
-    return tensors, {"param_groups": groups, "scalars": scalars}
+                scalars.setdefault(param, {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"format": OPTIMIZER_FORMAT, "param_groups": groups, "scalars": scalars}
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of ``flatten_optimizer_state``: a dict ``optimizer.load_state_dict`` accepts."""
-    state: dict[int, dict[str, Any]] = {}
+    """The inverse of ``flatten_optimizer_state``."""
+    state: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = tensor
-    for index, entry in meta.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(entry)
-    groups = []
-    for group in meta["param_groups"]:
-        groups.append({k: (tuple(v) if k == "betas" else v) for k, v in group.items()})
+        _, param, name = key.split("/", 2)
+        state.setdefault(param, {})[name] = tensor
+    for param, entry in meta.get("scalars", {}).items():
+        state.setdefault(param, {}).update(entry)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    tensors, meta = flatten_optimizer_state(optimizer.state_dict())
-    atomic_save_file(tensors, path, metadata={"optimizer": json.dumps(meta)})
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Restore an optimizer written by ``save_optimizer``; a mismatch is an ``UnmaskError``."""
+def read_optimizer_state(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["optimizer"])
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise UnmaskError(f"{path}: not a readable optimizer state ({exc})") from None
-    try:
-        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise UnmaskError(f"{path}: optimizer state does not fit this model ({exc})") from None
+    if meta.get("format") != OPTIMIZER_FORMAT:
+        raise UnmaskError(f"{path}: optimizer state in an older layout; start over with a fresh out_dir or --fresh")
+    return unflatten_optimizer_state(tensors, meta)
+
+
+def save_weights(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """``config.json`` + ``model.safetensors`` from a full state dict (the layout ``models.io`` reads)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save(directory / CONFIG_NAME)
+    out = {}
+    for name, tensor in state.items():
+        if name == "head.weight" and config.tie_embeddings:
+            continue
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[name] = tensor.contiguous().cpu()
+    atomic_save_file(out, directory / WEIGHTS_NAME)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -90,17 +163,19 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(
-    out_dir: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int
+def write_checkpoint(
+    out_dir: str | Path, step: int, config: ModelConfig, model_state: dict[str, Any], optim_state: dict[str, Any],
+    state: dict[str, Any], keep: int,
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNNNN/``, point ``latest`` at it and keep only the newest ``keep``."""
+    """Write ``checkpoints/step-NNNNNNNN/`` from full state dicts, point ``latest`` at it, keep the newest ``keep``."""
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    save_optimizer(optimizer, tmp / OPTIMIZER_NAME)
+    save_weights(tmp, config, model_state)
+    tensors, meta = flatten_optimizer_state(optim_state)
+    atomic_save_file(tensors, tmp / OPTIMIZER_NAME, metadata={"optimizer": json.dumps(meta)})
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
@@ -108,6 +183,18 @@ def save_checkpoint(
     _write_text_atomic(root / LATEST, final.name + "\n")
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(
+    out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    keep: int, is_main: bool = True,
+) -> Path:
+    """Gather the full state (a collective under FSDP2) and let the main process write it."""
+    model_state, optim_state = gather_state(model, optimizer)
+    final = Path(out_dir) / CHECKPOINTS / step_name(step)
+    if is_main:
+        write_checkpoint(out_dir, step, _inner(model).config, model_state, optim_state, state, keep)
     return final
 
 
@@ -130,17 +217,17 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Fill ``model`` and ``optimizer`` from a checkpoint directory; returns its trainer state."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Fill ``model`` (plain, DDP or FSDP2) and ``optimizer`` from a checkpoint directory; returns its trainer state."""
     path = Path(path)
     saved = load_model(path, device="cpu", dtype=torch.float32)
-    if saved.config.to_dict() != model.config.to_dict():
+    if saved.config.to_dict() != _inner(model).config.to_dict():
         raise UnmaskError(f"{path}: checkpoint model config differs from the training config")
-    target = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in saved.state_dict().items():
-            target[name].copy_(tensor)
-    load_optimizer(optimizer, path / OPTIMIZER_NAME)
+    optim_state = read_optimizer_state(path / OPTIMIZER_NAME)
+    try:
+        restore_state(model, optimizer, saved.state_dict(), optim_state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UnmaskError(f"{path}: checkpoint does not fit this model and optimizer ({exc})") from None
     try:
         return json.loads((path / STATE_NAME).read_text())
     except (OSError, ValueError) as exc:

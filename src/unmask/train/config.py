@@ -33,15 +33,17 @@ STDLIB_PLACEHOLDER = "{stdlib}"
 class DataConfig:
     """Where the training tokens come from and how they are cut into windows."""
 
-    paths: list[str] = field(default_factory=list)  # corpus files, directories or globs; "{stdlib}" = Python's standard library
+    shards: str | None = None  # a token shard directory written by `unmask data build` (memory-mapped; the usual choice)
+    paths: list[str] = field(default_factory=list)  # or: corpus files, directories or globs; "{stdlib}" = Python's standard library
     suffixes: list[str] = field(default_factory=lambda: [".py"])  # file endings collected from directories
-    tokenizer: str | None = None  # directory holding tokenizer.json (relative to the config file)
+    tokenizer: str | None = None  # directory holding tokenizer.json; with shards, default: the copy inside the shard directory
     train_tokens: str | None = None  # instead of paths + tokenizer: a .npy array of token ids, documents joined by EOS
     val_tokens: str | None = None  # the validation twin of train_tokens (.npy); optional
     seq_len: int = 256  # tokens per training window
-    val_fraction: float = 0.02  # share of files held out for validation (split by file content hash)
+    val_fraction: float = 0.02  # with paths: share of files held out for validation (split by file content hash)
     max_files: int | None = None  # use at most this many files (chosen by content hash, so a uniform sample)
-    max_tokens: int | None = None  # stop tokenising once this many tokens (both splits) are collected
+    max_tokens: int | None = None  # use only the first this many tokens (both splits; train and val in proportion)
+    workers: int = 1  # with paths: processes tokenising the corpus into out_dir/data
 
 
 @dataclass
@@ -65,7 +67,8 @@ class TrainSection:
     keep_checkpoints: int = 3  # keep the newest this many checkpoints
     log_every: int = 10  # write a metrics line every this many steps
     seed: int = 0  # seeds the initialisation, the batches and the masking noise
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available (under torchrun: GPU LOCAL_RANK)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard per block (FSDP2 fully_shard)
     out_dir: str = ""  # outputs (data cache, checkpoints, final model, metrics); "" = runs/<config name>
     save_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the final model's weights
 
@@ -192,11 +195,16 @@ def _validate(cfg: TrainConfig) -> None:
         if not cond:
             raise UnmaskError(f"{cfg.source}: {msg}")
 
-    if d.train_tokens is None:
-        need(bool(d.paths), "[data] needs paths (with a tokenizer) or train_tokens")
+    sources = [name for name, given in (("shards", d.shards is not None), ("paths", bool(d.paths)),
+                                        ("train_tokens", d.train_tokens is not None)) if given]
+    need(len(sources) == 1, "[data] needs exactly one of shards, paths (with a tokenizer) or train_tokens"
+         + (f", not {' and '.join(sources)}" if sources else ""))
+    if d.paths:
         need(d.tokenizer is not None, "[data] paths need a tokenizer directory")
-    else:
-        need(not d.paths, "[data] give either paths or train_tokens, not both")
+    need(d.max_files is None or bool(d.paths), "[data] max_files applies to paths only")
+    need(d.val_tokens is None or d.train_tokens is not None, "[data] val_tokens goes with train_tokens")
+    need(d.workers > 0, f"[data] workers must be positive, got {d.workers}")
+    need(d.max_tokens is None or d.max_tokens > 0, "[data] max_tokens must be positive")
     for name in ("seq_len", "steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints"):
         value = getattr(d if name == "seq_len" else t, name)
         need(value > 0, f"{name} must be positive, got {value}")
@@ -211,7 +219,7 @@ def _validate(cfg: TrainConfig) -> None:
     for pattern in d.paths:
         if not any(c in pattern for c in "*?[") and not Path(pattern).exists():
             raise UnmaskError(f"{cfg.source}: [data] path {pattern} does not exist")
-    for name in ("tokenizer", "train_tokens", "val_tokens"):
+    for name in ("shards", "tokenizer", "train_tokens", "val_tokens"):
         value = getattr(d, name)
         if value is not None and not Path(value).exists():
             raise UnmaskError(f"{cfg.source}: [data] {name} {value} does not exist")
@@ -238,7 +246,7 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     data = _build(DataConfig, raw.get("data", {}), "data")
     train = _build(TrainSection, raw.get("train", {}), "train")
     data.paths = [_resolve_path(p, base) for p in data.paths]
-    for name in ("tokenizer", "train_tokens", "val_tokens"):
+    for name in ("shards", "tokenizer", "train_tokens", "val_tokens"):
         if getattr(data, name) is not None:
             setattr(data, name, _resolve_path(getattr(data, name), base))
     train.out_dir = _resolve_path(train.out_dir or f"runs/{path.stem}", base)

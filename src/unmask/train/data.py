@@ -1,176 +1,93 @@
-"""Token data for training: a corpus tokenised once into cached arrays, cut into windows.
+"""Token data for training: token streams (flat arrays or memory-mapped shards) cut into windows.
 
-Files are split into train/validation by a hash of their content, so no file (and no copy of
-one) is ever in both. Each split is one flat array of token ids with documents joined by EOS.
-A training batch is a set of random windows drawn from a generator seeded by
-(seed, step, micro-step): the batch of a step is a pure function of the step, which makes
-resuming from a checkpoint exact. Validation uses a fixed, evenly spaced set of windows.
-
-This module needs no tokenizer object: it takes an ``encode_batch`` function, and everything
-below the cache works on plain numpy arrays.
+A split is a ``TokenStream``: one or more 1-D arrays of token ids (documents joined by EOS)
+read as if they were one. ``TokenWindows`` samples training windows of ``seq_len`` tokens
+without replacement: each epoch lays the stream out as non-overlapping windows from a random
+offset and visits them in a random order, both drawn from (seed, epoch). The windows of a step
+are a pure function of (seed, step), which makes resuming exact and lets ``torchrun`` processes
+split a global batch between them without talking (each takes its own micro-batches).
+Validation uses a fixed, evenly spaced set of windows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import sysconfig
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.train.corpus import find_files, iter_texts
-
-MANIFEST_NAME = "manifest.json"
-EncodeBatch = Callable[[Sequence[str]], list[list[int]]]
+from unmask.train.shards import open_split, read_manifest, shards_fingerprint
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+class TokenStream:
+    """A sequence of token arrays (e.g. memory-mapped shards) read as one flat array."""
 
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [p for p in parts if p.size]
+        self.offsets = np.cumsum([0] + [p.size for p in self.parts])
+        self.dtype = self.parts[0].dtype if self.parts else np.dtype(np.uint16)
 
-def content_score(digest: str) -> float:
-    """A number in [0, 1) from a content hash: the file's place in the split and in the sample order."""
-    return int(digest[:16], 16) / float(1 << 64)
+    @property
+    def size(self) -> int:
+        return int(self.offsets[-1])
 
+    def truncate(self, n: int) -> TokenStream:
+        """The first ``n`` tokens."""
+        out, left = [], n
+        for part in self.parts:
+            if left <= 0:
+                break
+            out.append(part[:left])
+            left -= part.size
+        return TokenStream(out)
 
-def corpus_files(patterns: Sequence[str], suffixes: Sequence[str]) -> list[Path]:
-    """The corpus files; installed packages under the standard library (site-packages) are left out."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    out = []
-    for path in find_files(patterns, tuple(suffixes)):
-        resolved = path.resolve()
-        if resolved.is_relative_to(stdlib):
-            parts = resolved.relative_to(stdlib).parts
-            if "site-packages" in parts or "dist-packages" in parts:
-                continue
-        out.append(path)
-    return out
+    def take(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """int64 windows ``[len(starts), length]``; a window may span two arrays."""
+        if len(self.parts) == 1:
+            idx = np.asarray(starts)[:, None] + np.arange(length)[None, :]
+            return self.parts[0][idx].astype(np.int64)
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for row, start in enumerate(np.asarray(starts).tolist()):
+            filled = 0
+            part = int(np.searchsorted(self.offsets, start, side="right")) - 1
+            pos = start - int(self.offsets[part])
+            while filled < length:
+                piece = self.parts[part][pos : pos + length - filled]
+                out[row, filled : filled + piece.size] = piece
+                filled += piece.size
+                part, pos = part + 1, 0
+        return out
 
+    def max_id(self) -> int:
+        return max((int(p.max()) for p in self.parts), default=-1)
 
-def dir_hash(directory: str | Path) -> str:
-    """SHA-256 over the names and contents of the files in a directory (e.g. a tokenizer)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(directory)).encode() + b"\0")
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def files_hash(files: Sequence[Path]) -> str:
-    """A cheap fingerprint of a file list: paths, sizes and modification times."""
-    h = hashlib.sha256()
-    for path in files:
-        st = path.stat()
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def split_documents(
-    texts: Sequence[tuple[str, str]], val_fraction: float, max_files: int | None = None
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, val) lists of (digest, text), decided by the content hash alone.
-
-    Documents come out in hash order (a uniform sample when truncated by ``max_files``). When
-    ``val_fraction`` > 0 and there are at least two documents, validation gets at least one.
-    """
-    docs = sorted(texts)
-    if max_files is not None:
-        docs = docs[:max_files]
-    val = [d for d in docs if content_score(d[0]) < val_fraction]
-    if val_fraction > 0 and not val and len(docs) >= 2:
-        val = [docs[0]]
-    val_set = {d[0] for d in val}
-    train = [d for d in docs if d[0] not in val_set]
-    return train, val
-
-
-def encode_documents(
-    docs: Sequence[tuple[str, str]], encode_batch: EncodeBatch, eos_id: int, dtype: np.dtype, budget: int | None, chunk: int = 64
-) -> np.ndarray:
-    """Token ids of the documents, each followed by EOS, until ``budget`` tokens are reached."""
-    parts: list[np.ndarray] = []
-    total = 0
-    for start in range(0, len(docs), chunk):
-        for ids in encode_batch([text for _, text in docs[start : start + chunk]]):
-            arr = np.asarray(ids + [eos_id], dtype=dtype)
-            parts.append(arr)
-            total += len(arr)
-            if budget is not None and total >= budget:
-                return np.concatenate(parts)[:budget]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for part in self.parts:
+            h.update(np.ascontiguousarray(part).tobytes())
+        return h.hexdigest()[:16]
 
 
 @dataclass
 class TokenData:
-    """The two token arrays of a run and where they came from."""
+    """The two token streams of a run and where they came from."""
 
-    train: np.ndarray
-    val: np.ndarray
-    info: dict  # manifest: source fingerprint, file counts, token counts
-
-
-def build_token_cache(
-    files: Sequence[Path],
-    encode_batch: EncodeBatch,
-    eos_id: int,
-    vocab_size: int,
-    cache_dir: str | Path,
-    *,
-    source_key: dict,
-    val_fraction: float,
-    max_files: int | None = None,
-    max_tokens: int | None = None,
-) -> TokenData:
-    """Tokenise ``files`` into ``cache_dir/{train,val}.npy``, or reuse them if ``source_key`` matches.
-
-    ``source_key`` identifies everything the arrays depend on (tokenizer hash, file list, split
-    settings); it is stored in the manifest and compared on the next run.
-    """
-    cache_dir = Path(cache_dir)
-    manifest_path = cache_dir / MANIFEST_NAME
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("source") == source_key:
-                return TokenData(np.load(cache_dir / "train.npy"), np.load(cache_dir / "val.npy"), manifest)
-        except (OSError, ValueError):
-            pass
-    texts = [(hashlib.sha256(text.encode()).hexdigest(), text) for _, text in iter_texts(files)]
-    if not texts:
-        raise UnmaskError("the data paths hold no readable text files")
-    train_docs, val_docs = split_documents(texts, val_fraction, max_files)
-    dtype = token_dtype(vocab_size)
-    val_budget = None if max_tokens is None else max(1, round(max_tokens * val_fraction))
-    train_budget = None if max_tokens is None else max_tokens - (val_budget if val_docs else 0)
-    train = encode_documents(train_docs, encode_batch, eos_id, dtype, train_budget)
-    val = encode_documents(val_docs, encode_batch, eos_id, dtype, val_budget)
-    manifest = {
-        "source": source_key,
-        "files": {"train": len(train_docs), "val": len(val_docs)},
-        "tokens": {"train": int(train.size), "val": int(val.size)},
-        "dtype": dtype.name,
-    }
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for name, arr in (("train", train), ("val", val)):
-        tmp = cache_dir / f".{name}.{os.getpid()}.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, cache_dir / f"{name}.npy")
-    tmp = cache_dir / f".{MANIFEST_NAME}.{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
-    return TokenData(train, val, manifest)
+    train: TokenStream
+    val: TokenStream
+    info: dict[str, Any]  # source, file and token counts
+    fingerprint: str  # identifies the training tokens: a checkpoint resumes only on the same ones
+    max_id: int  # largest token id in either split (-1 when both are empty)
 
 
 def load_token_file(path: str | Path) -> np.ndarray:
-    """A pre-tokenised 1-D integer array saved with ``numpy.save`` (never unpickled)."""
+    """A pre-tokenised 1-D integer array saved with ``numpy.save``, memory-mapped (never unpickled)."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise UnmaskError(f"{path}: token file not found") from None
     except (OSError, ValueError) as exc:
@@ -180,8 +97,45 @@ def load_token_file(path: str | Path) -> np.ndarray:
     return arr
 
 
+def token_files_data(train_path: str, val_path: str | None) -> TokenData:
+    """Data from ``[data] train_tokens`` / ``val_tokens``."""
+    train = TokenStream([load_token_file(train_path)])
+    val = TokenStream([load_token_file(val_path)] if val_path else [])
+    info = {"source": {"train_tokens": train_path, "val_tokens": val_path}, "tokens": {"train": train.size, "val": val.size}}
+    return TokenData(train, val, info, train.digest(), max(train.max_id(), val.max_id()))
+
+
+def token_budgets(max_tokens: int | None, val_fraction: float, has_val: bool) -> tuple[int | None, int | None]:
+    """(train, val) token caps that together make ``max_tokens`` (None: no cap)."""
+    if max_tokens is None:
+        return None, None
+    val = max(1, round(max_tokens * val_fraction)) if has_val else 0
+    return max_tokens - val, val
+
+
+def shard_data(root: str | Path, max_tokens: int | None = None) -> TokenData:
+    """Data from a shard directory (``unmask data build``), memory-mapped, optionally capped."""
+    manifest = read_manifest(root)
+    train = TokenStream(open_split(root, "train", manifest))
+    val = TokenStream(open_split(root, "val", manifest))
+    train_cap, val_cap = token_budgets(max_tokens, manifest["settings"]["val_fraction"], val.size > 0)
+    if train_cap is not None:
+        train, val = train.truncate(train_cap), val.truncate(val_cap or 0)
+    totals = manifest["totals"]
+    info = {
+        "source": {"shards": str(root)},
+        "files": {split: sum(s["files"] for s in manifest["shards"] if s["split"] == split) for split in ("train", "val")},
+        "tokens": {"train": train.size, "val": val.size},
+        "skipped": totals["skipped"],
+        "tokenizer_hash": manifest["tokenizer"]["hash"],
+    }
+    key = repr([shards_fingerprint(manifest), max_tokens]).encode()
+    max_id = max((s["max_id"] for s in manifest["shards"]), default=-1)
+    return TokenData(train, val, info, hashlib.sha256(key).hexdigest()[:16], max_id)
+
+
 def step_rng(seed: int, step: int, micro: int, stream: int) -> np.random.Generator:
-    """A generator that depends only on (seed, step, micro-step, stream): batches are functions of the step."""
+    """A generator that depends only on (seed, step, micro-step, stream): noise is a function of the step."""
     return np.random.default_rng([seed, step, micro, stream])
 
 
@@ -192,26 +146,44 @@ def step_torch_generator(seed: int, step: int, micro: int, stream: int) -> torch
 
 
 class TokenWindows:
-    """Windows of ``seq_len`` consecutive tokens from one flat token array."""
+    """Windows of ``seq_len`` consecutive tokens of a stream, sampled epoch by epoch without replacement."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, name: str = "data") -> None:
-        if tokens.size < seq_len:
-            raise UnmaskError(f"the {name} split has {tokens.size} tokens, fewer than seq_len {seq_len}; add data or lower seq_len")
-        self.tokens = tokens
+    def __init__(self, tokens: np.ndarray | TokenStream, seq_len: int, name: str = "data") -> None:
+        self.stream = tokens if isinstance(tokens, TokenStream) else TokenStream([tokens])
+        if self.stream.size < seq_len:
+            raise UnmaskError(
+                f"the {name} split has {self.stream.size} tokens, fewer than seq_len {seq_len}; add data or lower seq_len"
+            )
         self.seq_len = seq_len
+        self.max_offset = min(seq_len - 1, self.stream.size - seq_len)
+        self.n_windows = (self.stream.size - self.max_offset) // seq_len  # windows per epoch, whatever the offset
+        self._epochs: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
 
-    def _gather(self, starts: np.ndarray) -> torch.Tensor:
-        idx = starts[:, None] + np.arange(self.seq_len)[None, :]
-        return torch.from_numpy(self.tokens[idx].astype(np.int64))
+    def epoch(self, seed: int, epoch: int) -> tuple[int, np.ndarray]:
+        """(offset, order) of an epoch: windows start at offset + order[j] * seq_len."""
+        key = (seed, epoch)
+        if key not in self._epochs:
+            rng = np.random.default_rng([seed, epoch, 2])
+            offset = int(rng.integers(0, self.max_offset + 1))
+            self._epochs = {k: v for k, v in self._epochs.items() if k[1] >= epoch - 1}
+            self._epochs[key] = (offset, rng.permutation(self.n_windows))
+        return self._epochs[key]
 
-    def batch(self, batch_size: int, seed: int, step: int, micro: int = 0) -> torch.Tensor:
-        """Random windows [batch_size, seq_len] (int64) chosen by (seed, step, micro)."""
-        rng = step_rng(seed, step, micro, stream=0)
-        starts = rng.integers(0, self.tokens.size - self.seq_len + 1, size=batch_size)
-        return self._gather(starts)
+    def starts(self, batch_size: int, seed: int, step: int, micro: int = 0, micro_batches: int = 1) -> np.ndarray:
+        """Start positions of micro-batch ``micro`` of step ``step`` (``micro_batches`` per step)."""
+        index = (step * micro_batches + micro) * batch_size + np.arange(batch_size)
+        out = np.empty(batch_size, dtype=np.int64)
+        for i, g in enumerate(index.tolist()):
+            offset, order = self.epoch(seed, g // self.n_windows)
+            out[i] = offset + int(order[g % self.n_windows]) * self.seq_len
+        return out
+
+    def batch(self, batch_size: int, seed: int, step: int, micro: int = 0, micro_batches: int = 1) -> torch.Tensor:
+        """Windows [batch_size, seq_len] (int64) of micro-batch ``micro`` of step ``step``."""
+        return torch.from_numpy(self.stream.take(self.starts(batch_size, seed, step, micro, micro_batches), self.seq_len))
 
     def fixed(self, n: int) -> torch.Tensor:
-        """``n`` evenly spaced windows [n, seq_len] (non-overlapping when the array is long enough)."""
-        last = self.tokens.size - self.seq_len
+        """``n`` evenly spaced windows [n, seq_len] (non-overlapping when the stream is long enough)."""
+        last = self.stream.size - self.seq_len
         starts = np.linspace(0, last, num=n).round().astype(np.int64) if n > 1 else np.zeros(1, dtype=np.int64)
-        return self._gather(starts)
+        return torch.from_numpy(self.stream.take(starts, self.seq_len))

@@ -1,16 +1,18 @@
-"""The training loop: one process, CPU or one GPU, resumable exactly from its checkpoints.
+"""The training loop: one process (CPU or one GPU) or many under torchrun, resumable exactly.
 
-``run_training(config)`` reads a TOML config (see ``unmask.train.config``), tokenises the corpus
-once (cached under ``out_dir/data``), builds the model, and runs AdamW with linear warmup and a
-cosine decay. Batches and masking noise are pure functions of (seed, step, micro-step), so a run
-resumed from a checkpoint logs the same losses as one that never stopped. The result is a
-complete model directory ``out_dir/final``.
+``run_training(config)`` reads a TOML config (see ``unmask.train.config``), opens the token
+shards (or tokenises ``[data] paths`` once into ``out_dir/data``), builds the model, and runs
+AdamW with linear warmup and a cosine decay. Batches and masking noise are pure functions of
+(seed, step, micro-step), so a run resumed from a checkpoint logs the same losses as one that
+never stopped, and ``torchrun --nproc-per-node N -m unmask train CONFIG`` (DDP, or FSDP2 with
+``[train] parallel = "fsdp"``) takes the same steps as one process: see
+``unmask.train.distributed``. Only rank 0 logs and writes files. The result is a complete
+model directory ``out_dir/final``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -21,69 +23,79 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from unmask.diffusion.objectives import ar_loss, block_diffusion_loss, compute_loss, diffusion_loss
 from unmask.diffusion.schedule import DEFAULT_EPS
 from unmask.errors import UnmaskError
-from unmask.loading import resolve_device
 from unmask.models.config import ModelConfig
-from unmask.models.io import save_model
 from unmask.models.transformer import Transformer
-from unmask.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from unmask.train.build import BuildOptions, build_shards, tokenizer_hash
+from unmask.train.checkpoint import gather_model_state, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from unmask.train.config import TrainConfig, fingerprint_hash, load_train_config
-from unmask.train.data import (
-    TokenData,
-    TokenWindows,
-    build_token_cache,
-    corpus_files,
-    dir_hash,
-    files_hash,
-    load_token_file,
-    step_torch_generator,
+from unmask.train.corpus import corpus_files
+from unmask.train.data import TokenData, TokenWindows, shard_data, step_torch_generator, token_files_data
+from unmask.train.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    gradient_sync,
+    local_micro_batches,
+    setup,
+    teardown,
+    to_float,
+    unwrap,
+    wrap_model,
 )
 from unmask.train.metrics import MetricsLog, Progress
+from unmask.train.shards import read_manifest
 
 EVAL_SEED = 1234  # masking noise of validation: fixed so the figure is comparable across evaluations
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[TokenData, Any]:
-    """The run's token arrays and its tokenizer (None when training from token files)."""
+def _shard_tokenizer(cfg: TrainConfig) -> Any:
+    """The tokenizer of a shard directory: ``[data] tokenizer`` if given (it must be the same one), else its copy."""
+    from unmask.tokenizer import Tokenizer
+
+    d = cfg.data
+    manifest = read_manifest(d.shards)
+    recorded = manifest["tokenizer"]
+    if d.tokenizer is None and not recorded.get("dir"):
+        raise UnmaskError(f"{d.shards}: the shards hold no tokenizer copy; set [data] tokenizer")
+    directory = d.tokenizer or str(Path(d.shards) / recorded["dir"])
+    tokenizer = Tokenizer.from_dir(directory)
+    if tokenizer_hash(tokenizer) != recorded["hash"]:
+        raise UnmaskError(f"[data] tokenizer {directory} is not the tokenizer the shards in {d.shards} were made with")
+    return tokenizer
+
+
+def prepare_data(cfg: TrainConfig, ctx: DistContext | None = None) -> tuple[TokenData, Any]:
+    """The run's token streams and its tokenizer (None when training from token files).
+
+    With ``[data] paths`` the main process tokenises the corpus into a shard directory
+    ``out_dir/data`` (reused on the next run when nothing changed) while the others wait.
+    """
+    ctx = ctx or DistContext()
     d = cfg.data
     if d.train_tokens is not None:
-        train = load_token_file(d.train_tokens)
-        val = load_token_file(d.val_tokens) if d.val_tokens else np.zeros(0, dtype=train.dtype)
-        info = {"source": {"train_tokens": d.train_tokens, "val_tokens": d.val_tokens}}
-        return TokenData(train, val, {**info, "tokens": {"train": int(train.size), "val": int(val.size)}}), None
+        return token_files_data(d.train_tokens, d.val_tokens), None
+    if d.shards is not None:
+        return shard_data(d.shards, d.max_tokens), _shard_tokenizer(cfg)
     from unmask.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(d.tokenizer)
     if tokenizer.eos_id is None:
         raise UnmaskError(f"{d.tokenizer}: the tokenizer has no EOS token to separate documents")
-    files = corpus_files(d.paths, d.suffixes)
-    if not files:
-        raise UnmaskError(f"[data] paths match no files with suffixes {d.suffixes}")
-    key = {
-        "tokenizer": dir_hash(d.tokenizer),
-        "files": files_hash(files),
-        "n_files": len(files),
-        "val_fraction": d.val_fraction,
-        "max_files": d.max_files,
-        "max_tokens": d.max_tokens,
-    }
-    data = build_token_cache(
-        files,
-        tokenizer.encode_batch,
-        tokenizer.eos_id,
-        tokenizer.vocab_size,
-        cfg.out_dir / "data",
-        source_key=key,
-        val_fraction=d.val_fraction,
-        max_files=d.max_files,
-        max_tokens=d.max_tokens,
-    )
-    return data, tokenizer
+    root = cfg.out_dir / "data"
+    if ctx.is_main:
+        files = corpus_files(d.paths, d.suffixes)
+        if not files:
+            raise UnmaskError(f"[data] paths match no files with suffixes {d.suffixes}")
+        options = BuildOptions(val_fraction=d.val_fraction, workers=d.workers, suffixes=tuple(d.suffixes),
+                               max_files=d.max_files, progress=False)
+        build_shards(d.paths, root, tokenizer, options, files=files)
+    barrier(ctx)
+    return shard_data(root, d.max_tokens), tokenizer
 
 
 def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData) -> ModelConfig:
@@ -114,16 +126,16 @@ def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData) -> Mod
         raise UnmaskError(f"[model] max_seq_len {config.max_seq_len} is shorter than [data] seq_len {cfg.data.seq_len}")
     if objective != "ar" and config.mask_token_id is None:
         raise UnmaskError(f"objective {objective!r} needs a mask token: set [model] mask_token_id or use a tokenizer with one")
-    for name, arr in (("train", data.train), ("val", data.val)):
-        if arr.size and int(arr.max()) >= config.vocab_size:
-            raise UnmaskError(f"the {name} tokens hold id {int(arr.max())}, outside vocab_size {config.vocab_size}")
+    if data.max_id >= config.vocab_size:
+        raise UnmaskError(f"the training data holds token id {data.max_id}, outside vocab_size {config.vocab_size}")
     return config
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW that decays matrices only (not norms, biases or embeddings)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in unwrap(model).named_parameters():
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
     t = cfg.train
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -145,23 +157,35 @@ def _grid(index: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, objective: str, windows: torch.Tensor, batch_size: int, autocast: Any) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, objective: str, windows: torch.Tensor, batch_size: int, autocast: Any,
+    ctx: DistContext | None = None, sharded: bool = False,
+) -> dict[str, float]:
     """Per-token NLL on fixed windows: the ELBO bound with fixed times for diffusion, exact for AR.
 
     Window j of n gets diffusion time t_j = midpoint of cell j of [eps, 1] (for block diffusion,
-    every (window, block) pair gets its own cell), and the masking noise comes from a fixed seed,
-    so the figure is deterministic and comparable between evaluations.
+    every (window, block) pair gets its own cell), and batch k's masking noise comes from a seed
+    of its own, so the figure is deterministic, comparable between evaluations, and the same
+    however the batches are dealt to processes (batch k goes to rank k mod world). ``sharded``
+    (FSDP2): every process runs the same number of forward passes, idle ones on a batch they drop.
     """
+    ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
-    device = model.device
+    device = ctx.device if ctx.enabled else unwrap(model).device
     n, length = windows.shape
-    n_blocks = -(-length // model.config.block_size)
-    gen = torch.Generator().manual_seed(EVAL_SEED)
+    n_blocks = -(-length // unwrap(model).config.block_size)
+    n_batches = -(-n // batch_size)
     nll, tokens = 0.0, 0
-    for start in range(0, n, batch_size):
+    for round_start in range(0, n_batches, ctx.world):
+        k = round_start + ctx.rank
+        if k >= n_batches and not sharded:
+            break
+        real = k < n_batches
+        start = (k if real else 0) * batch_size
         x0 = windows[start : start + batch_size].to(device)
         rows = torch.arange(start, start + x0.shape[0])
+        gen = step_torch_generator(EVAL_SEED, k, 0, stream=2)
         with autocast():
             if objective == "ar":
                 out = ar_loss(model, x0)
@@ -171,27 +195,33 @@ def evaluate(model: Transformer, objective: str, windows: torch.Tensor, batch_si
                 out = block_diffusion_loss(model, x0, t=t, generator=gen)
             else:
                 out = diffusion_loss(model, x0, t=_grid(rows, n, device), generator=gen)
-        nll += float(out.nll_sum)
-        tokens += out.n_tokens
+        if real:
+            nll += float(out.nll_sum)
+            tokens += out.n_tokens
     model.train(was_training)
+    nll, tokens = all_reduce_sum([nll, float(tokens)], ctx)
     per_token = nll / max(tokens, 1)
     return {"val_nll": per_token, "val_ppl": math.exp(min(per_token, 700.0))}
 
 
-def hardware(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+def hardware(device: torch.device, ctx: DistContext | None = None, parallel: str = "ddp") -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
         info.update(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
+    if ctx is not None and ctx.enabled:
+        info.update(processes=ctx.world, parallel=parallel)
     return info
 
 
-def _write_final(out_dir: Path, model: Transformer, tokenizer: Any, save_dtype: str, training: dict[str, Any]) -> Path:
+def _write_final(
+    out_dir: Path, config: ModelConfig, model_state: dict[str, torch.Tensor], tokenizer: Any, save_dtype: str, training: dict[str, Any]
+) -> Path:
     final = out_dir / "final"
     tmp = out_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, dtype=torch.bfloat16 if save_dtype == "bfloat16" else torch.float32)
+    save_weights(tmp, config, model_state, torch.bfloat16 if save_dtype == "bfloat16" else torch.float32)
     if tokenizer is not None:
         tokenizer.save(tmp)
     (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
@@ -206,14 +236,24 @@ def run_training(
 ) -> Path:
     """Train as the config at ``path`` says (resuming from ``latest`` unless ``resume=False``).
 
-    Returns the final model directory ``out_dir/final``.
+    Under torchrun every process calls this; all return the final model directory ``out_dir/final``.
     """
     cfg = load_train_config(path, overrides)
+    ctx = setup(cfg.train.device)
+    try:
+        return _train(cfg, ctx, resume, quiet or not ctx.is_main)
+    finally:
+        teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Path:
     t = cfg.train
     out_dir = cfg.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(t.device)
-    data, tokenizer = prepare_data(cfg)
+    device = ctx.device
+    my_micro_batches = local_micro_batches(t.grad_accum, ctx)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    data, tokenizer = prepare_data(cfg, ctx)
     model_config = build_model_config(cfg, tokenizer, data)
     train_windows = TokenWindows(data.train, cfg.data.seq_len, "train")
     val_windows = None
@@ -221,9 +261,12 @@ def run_training(
         val_windows = TokenWindows(data.val, cfg.data.seq_len, "validation").fixed(t.eval_batches * t.batch_size)
 
     torch.manual_seed(t.seed)
-    model = Transformer(model_config).to(device).train()
+    base = Transformer(model_config).to(device).train()
+    n_params = base.num_params()
+    model = wrap_model(base, t.parallel, ctx)
+    sharded = ctx.enabled and t.parallel == "fsdp"
     optimizer = make_optimizer(model, cfg)
-    fingerprint = {**cfg.resume_fingerprint(), "data": hashlib.sha256(data.train.tobytes()).hexdigest()[:16]}
+    fingerprint = {**cfg.resume_fingerprint(), "data": data.fingerprint}
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val": None, "last_val": None, "wall_time_s": 0.0}
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
@@ -235,9 +278,8 @@ def run_training(
                 f"{checkpoint}: written with different settings ({', '.join(changed)}); use another out_dir or resume=False"
             )
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_through=state["step"] if checkpoint else None)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_through=state["step"] if checkpoint else None) if ctx.is_main else None
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
-    params = [p for p in model.parameters()]
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
 
     def snapshot(step: int) -> dict[str, Any]:
@@ -249,6 +291,10 @@ def run_training(
             "fingerprint": fingerprint,
         }
 
+    def validate() -> dict[str, float]:
+        eval_model = model if sharded else unwrap(model)
+        return evaluate(eval_model, t.objective, val_windows, t.batch_size, autocast, ctx, sharded)
+
     start_step = state["step"]
     started = time.perf_counter()
     wall_before = state["wall_time_s"]
@@ -259,56 +305,68 @@ def run_training(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for micro in range(t.grad_accum):
-                x0 = train_windows.batch(t.batch_size, t.seed, step, micro).to(device)
+            for i, micro in enumerate(my_micro_batches):
+                x0 = train_windows.batch(t.batch_size, t.seed, step, micro, t.grad_accum).to(device)
                 generator = step_torch_generator(t.seed, step, micro, stream=1)
-                with autocast():
-                    out = compute_loss(t.objective, model, x0, generator=generator)
-                (out.loss / t.grad_accum).backward()
+                with gradient_sync(model, sync=i == len(my_micro_batches) - 1):
+                    with autocast():
+                        out = compute_loss(t.objective, model, x0, generator=generator)
+                    (out.loss / len(my_micro_batches)).backward()
                 loss_sum += float(out.loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            loss = all_reduce_sum([loss_sum], ctx)[0] / t.grad_accum
             done = step + 1
             state["tokens_seen"] += tokens_per_step
             state["wall_time_s"] = wall_before + time.perf_counter() - started
-            loss = loss_sum / t.grad_accum
             record: dict[str, Any] = {}
             is_last = done == t.steps
             if val_windows is not None and ((t.eval_every and done % t.eval_every == 0) or is_last):
-                record.update(evaluate(model, t.objective, val_windows, t.batch_size, autocast))
+                record.update(validate())
                 state["last_val"] = record["val_ppl"]
                 if state["best_val"] is None or record["val_ppl"] < state["best_val"]:
                     state["best_val"] = record["val_ppl"]
-            if done % t.log_every == 0 or is_last or record:
+            if metrics is not None and (done % t.log_every == 0 or is_last or record):
                 now = time.perf_counter()
                 rate = (done - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, done
-                metrics.write(
-                    {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens_seen"], "tokens_per_s": rate, **record}
-                )
+                metrics.write({
+                    "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens_seen"],
+                    "tokens_per_s": rate, "model_tflops": 6 * n_params * rate / 1e12, **record,
+                })
                 progress.note(done, loss, rate, record.get("val_ppl"))
             progress.advance(done, loss)
             if (t.ckpt_every and done % t.ckpt_every == 0) or is_last:
-                save_checkpoint(out_dir, done, model, optimizer, snapshot(done), t.keep_checkpoints)
+                save_checkpoint(out_dir, done, model, optimizer, snapshot(done), t.keep_checkpoints, ctx.is_main)
+                barrier(ctx)
 
     final_step = max(start_step, t.steps)
     if val_windows is not None and state["last_val"] is None:
-        state["last_val"] = evaluate(model, t.objective, val_windows, t.batch_size, autocast)["val_ppl"]
+        state["last_val"] = validate()["val_ppl"]
+    ran = max(state["wall_time_s"] - wall_before, 1e-9)
+    rate = (final_step - start_step) * tokens_per_step / ran
     training = {
         "steps": final_step,
         "tokens_seen": state["tokens_seen"],
         "wall_time_s": round(state["wall_time_s"], 2),
+        "tokens_per_s": round(rate, 1),
+        "model_tflops": round(6 * n_params * rate / 1e12, 4),
         "objective": t.objective,
-        "parameters": model.num_params(),
+        "parameters": n_params,
         "final_validation": {"metric": "elbo_ppl_bound" if t.objective != "ar" else "ppl", "value": state["last_val"]},
         "best_validation": state["best_val"],
         "data": {k: v for k, v in data.info.items() if k != "source"},
-        "hardware": hardware(device),
+        "hardware": hardware(device, ctx, t.parallel),
         "config": cfg.to_dict(),
     }
-    metrics.close()
-    return _write_final(out_dir, model, tokenizer, t.save_dtype, training)
+    model_state = gather_model_state(model) if sharded else (unwrap(model).state_dict() if ctx.is_main else {})
+    final = out_dir / "final"
+    if ctx.is_main:
+        metrics.close()
+        final = _write_final(out_dir, model_config, model_state, tokenizer, t.save_dtype, training)
+    barrier(ctx)
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,10 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m unmask.train.trainer CONFIG.toml", file=sys.stderr)
         return 2
     try:
-        print(run_training(args[0]))
+        final = run_training(args[0])
     except UnmaskError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") == "0":
+        print(final)
     return 0
 
 
