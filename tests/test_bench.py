@@ -56,3 +56,11 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_cache_agreement_is_total_when_caches_refresh_every_step():
+    model = bench.random_model("tiny", torch.device("cpu"), torch.float32, 64)
+    prompts = [[5 + i, 9, 11 + i] for i in range(3)]
+    rows = bench.cache_agreement(model, prompts, gen=16, block=8, tpfs=(1, 4), refresh=1)
+    assert [(r["tokens_per_step"], r["cache"]) for r in rows] == [(1, "prefix"), (1, "dual"), (4, "prefix"), (4, "dual")]
+    assert all(r["token_agreement"] == 1.0 and r["exact"] == 1.0 for r in rows)

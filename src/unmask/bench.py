@@ -223,3 +223,29 @@ def run_bench(
         "floor_ms": floor_ms,
         "rows": [asdict(r) for r in rows],
     }
+
+
+def cache_agreement(
+    model: Transformer, prompts: list[list[int]], gen: int, block: int, tpfs: tuple[int, ...], refresh: int | None = None
+) -> list[dict[str, Any]]:
+    """How often the approximate block caches change the output: greedy decoding with each cache
+    against the same decoding without one, per tokens-per-step setting.
+
+    ``token_agreement`` is the share of generated positions with the same token, ``exact`` the
+    share of prompts whose whole output is unchanged.
+    """
+    rows = []
+    with torch.inference_mode():
+        for tpf in tpfs:
+            base = dict(max_new_tokens=gen, block_size=block, steps=max(gen // tpf, 1), stop_at_eos=False)
+            plain = decode(model, prompts, GenerationConfig(**base)).sequences
+            for cache in ("prefix", "dual"):
+                out = decode(model, prompts, GenerationConfig(**base, cache=cache, cache_refresh=refresh)).sequences
+                same = sum(sum(a == b for a, b in zip(x, y)) for x, y in zip(plain, out))
+                total = sum(max(len(x), len(y)) for x, y in zip(plain, out))
+                rows.append({
+                    "tokens_per_step": tpf, "cache": cache, "refresh": refresh,
+                    "token_agreement": same / max(total, 1),
+                    "exact": sum(x == y for x, y in zip(plain, out)) / len(prompts),
+                })
+    return rows

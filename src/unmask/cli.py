@@ -155,6 +155,9 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--tpf", type=_int_list, default=(1, 2, 4, 8), help="tokens per step to time, e.g. 1,4,8")
     bench.add_argument("--thresholds", type=_float_list, default=(0.9, 0.7),
                        help="threshold-policy settings to time, e.g. 0.9,0.7, or 'none' (random weights are never confident)")
+    bench.add_argument("--agreement", type=positive_int, metavar="N",
+                       help="instead of timing: how often the block caches change greedy outputs, on N held-out prompts")
+    bench.add_argument("--cache-refresh", type=positive_int, help="with --agreement: the caches' refresh interval")
     bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
 
 
@@ -531,6 +534,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         ar = load(args.ar_model, device=args.device, dtype=dtype).model
         if ar.config.attention != "causal":
             raise UnmaskError(f"--ar-model {args.ar_model} is not autoregressive (attention {ar.config.attention})")
+    if args.agreement:
+        _bench_agreement(args, model, None if args.shapes else loaded.tokenizer, prompts, name)
+        return
     settings = [s for s in bench.default_settings(args.gen, args.block, args.tpf, args.thresholds) if args.only in ("all", s.kind)]
     console = Console(stderr=True)
     table = Table(title=f"unmask bench · {name}", title_justify="left")
@@ -582,6 +588,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
     show(report)
     if args.json:
         write_json(report, args.json)
+
+
+def _bench_agreement(args: argparse.Namespace, model, tokenizer, prompts, name: str) -> None:
+    """Prompts cut from unmask's own sources (never training data), decoded with and without caches."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from unmask import bench
+
+    if tokenizer is not None:
+        sources = sorted(Path(bench.__file__).parent.rglob("*.py"))
+        ids = [t for path in sources for t in tokenizer.encode(path.read_text())]
+        stride = max((len(ids) - args.prompt_len) // args.agreement, 1)
+        prompts = [ids[i * stride : i * stride + args.prompt_len] for i in range(args.agreement)]
+    rows = bench.cache_agreement(model, prompts[: args.agreement], args.gen, args.block, args.tpf, args.cache_refresh)
+    table = Table(title=f"block-cache agreement with uncached greedy decoding · {name}", title_justify="left")
+    for column in ("tokens/step", "cache", "token agreement", "identical outputs"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["tokens_per_step"]), row["cache"], f"{row['token_agreement']:.1%}", f"{row['exact']:.1%}")
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    if args.json:
+        report = {"model": name, "prompts": len(prompts[: args.agreement]), "prompt_len": args.prompt_len,
+                  "gen_len": args.gen, "block": args.block, "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _nullcontext():
