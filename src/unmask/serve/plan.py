@@ -1,0 +1,226 @@
+"""From a validated request body to the engine requests that answer it.
+
+Checks everything that needs the model or the tokenizer (context length, token ids, chat
+messages, diffusion knobs) and raises a 400 ``APIError`` naming the field at fault. One HTTP
+request becomes ``prompts x n`` engine requests; choice i of a prompt uses seed + i.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from unmask.decoding import POLICIES, GenerationConfig
+from unmask.decoding.generate import end_ids
+from unmask.engine import EngineRequest
+from unmask.errors import UnmaskError
+from unmask.serve.errors import APIError, bad_request
+from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest, GenerationFields
+from unmask.serve.settings import (
+    DEFAULT_BLOCK,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_POLICY,
+    DEFAULT_THRESHOLD,
+    ServedModel,
+    ServeSettings,
+)
+
+
+@dataclass
+class Choice:
+    """One engine request and what the server needs to turn its tokens into text."""
+
+    index: int  # the choice's index in the response
+    request: EngineRequest
+    ends: set[int]  # tokens that end the answer
+    prompt_tokens: int  # prompt (+ suffix) tokens, for usage
+
+
+@dataclass
+class Plan:
+    """Everything a response needs, decided before anything is submitted."""
+
+    kind: str  # "completion" | "chat" (the response format)
+    choices: list[Choice]
+    stops: list[str]  # stop strings applied to the text
+    stream: bool
+    diffusing: bool
+    include_usage: bool
+    prompt_tokens: int  # usage: every distinct prompt counted once
+
+
+def plan_completion(body: CompletionRequest, served: ServedModel, settings: ServeSettings) -> Plan:
+    if body.echo:
+        raise bad_request("echo is not supported", param="echo")
+    if body.logprobs:
+        raise bad_request("logprobs are not supported", param="logprobs")
+    prompts = _prompt_ids(body.prompt, served)
+    suffix = None
+    if body.suffix:
+        suffix = served.loaded.tokenizer.encode(body.suffix)
+    return _plan(body, served, settings, "completion", prompts, suffix, chat=False)
+
+
+def plan_chat(body: ChatCompletionRequest, served: ServedModel, settings: ServeSettings) -> Plan:
+    if body.logprobs:
+        raise bad_request("logprobs are not supported", param="logprobs")
+    if not body.messages:
+        raise bad_request("messages must not be empty", param="messages")
+    messages = []
+    for k, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"only text content parts are supported, got {part.type!r}",
+                                      param=f"messages.{k}.content.{j}")
+                texts.append(part.text)
+            content = "".join(texts)
+        messages.append({"role": m.role, "content": content or ""})
+    try:
+        ids = served.loaded.tokenizer.encode_chat(messages)
+    except UnmaskError as exc:
+        raise bad_request(str(exc), param="messages") from None
+    return _plan(body, served, settings, "chat", [ids], None, chat=True)
+
+
+def plan_fim(body: FimRequest, served: ServedModel, settings: ServeSettings) -> Plan:
+    if served.attention != "bidirectional":
+        raise bad_request(
+            f"fill-in-the-middle needs a bidirectional diffusion model; {served.name} is {served.attention}",
+            param="model",
+        )
+    if not body.prompt and not body.suffix:
+        raise bad_request("prompt and suffix are both empty", param="prompt")
+    tok = served.loaded.tokenizer
+    return _plan(body, served, settings, "completion", [tok.encode(body.prompt)], tok.encode(body.suffix), chat=False)
+
+
+def _prompt_ids(prompt: str | list, served: ServedModel) -> list[list[int]]:
+    """Token ids of each prompt (text or ids), refusing empty ones and ids outside the vocabulary."""
+    tok = served.loaded.tokenizer
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt must not be empty", param="prompt")
+    vocab = served.loaded.model.config.vocab_size
+    out = []
+    for k, item in enumerate(items):
+        if isinstance(item, str):
+            ids = tok.encode(item)
+        else:
+            bad = [t for t in item if not 0 <= t < vocab]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
+            ids = list(item)
+        if not ids:
+            raise bad_request("prompt must not be empty" if len(items) == 1 else f"prompt {k} is empty", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _plan(
+    body: GenerationFields,
+    served: ServedModel,
+    settings: ServeSettings,
+    kind: str,
+    prompts: list[list[int]],
+    suffix: list[int] | None,
+    chat: bool,
+) -> Plan:
+    total = len(prompts) * body.n
+    if total > settings.max_choices:
+        what = f"n = {body.n}" if len(prompts) == 1 else f"{len(prompts)} prompts x n = {body.n}"
+        raise bad_request(f"{what} asks for {total} choices; at most {settings.max_choices} are allowed", param="n")
+    stops = body.stop_strings
+    if len(stops) > settings.max_stop:
+        raise bad_request(f"at most {settings.max_stop} stop strings are allowed, got {len(stops)}", param="stop")
+    if any(not s for s in stops):
+        raise bad_request("stop strings must not be empty", param="stop")
+    if body.diffusing and not body.stream:
+        raise bad_request("diffusing applies to streaming responses; set stream to true", param="diffusing")
+    if suffix and served.attention != "bidirectional":
+        raise bad_request(
+            f"a suffix (fill-in-the-middle) needs a bidirectional diffusion model; {served.name} is {served.attention}",
+            param="suffix",
+        )
+
+    tok = served.loaded.tokenizer
+    stop_ids = tuple(sorted(tok.stop_ids)) if chat else ()
+    ends = set(end_ids(served.loaded.model.config)) | set(stop_ids)
+    extra = len(suffix or [])
+    longest = max(len(p) for p in prompts) + extra
+    room = served.max_len - longest
+    param = "messages" if chat else "prompt"
+    asked = body.answer_tokens
+    if asked is None:
+        if room < 1:
+            raise bad_request(
+                f"the prompt has {longest} tokens, which leaves no room for an answer in the context of "
+                f"{served.max_len} tokens", param=param, code="context_length_exceeded")
+        asked = min(DEFAULT_MAX_TOKENS, room)
+    elif asked > room:
+        which = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise bad_request(
+            f"this model's context is {served.max_len} tokens, but {longest} prompt tokens + {asked} answer "
+            f"tokens were requested ({longest + asked})", param=which, code="context_length_exceeded")
+
+    config = _generation_config(body, served, asked, stop_ids)
+    base_seed = body.seed if body.seed is not None else random.randrange(0, 2**62)
+    choices = []
+    for p, ids in enumerate(prompts):
+        for i in range(body.n):
+            seed = (base_seed + i) % (2**63)
+            request = EngineRequest(prompt=ids, config=config, suffix=suffix, seed=seed)
+            choices.append(Choice(p * body.n + i, request, ends, len(ids) + extra))
+    return Plan(
+        kind=kind,
+        choices=choices,
+        stops=stops,
+        stream=body.stream,
+        diffusing=body.diffusing,
+        include_usage=body.include_usage,
+        prompt_tokens=sum(len(ids) + extra for ids in prompts),
+    )
+
+
+def _generation_config(body: GenerationFields, served: ServedModel, max_tokens: int,
+                       stop_ids: tuple[int, ...]) -> GenerationConfig:
+    """The request's decoding settings, with the server's defaults for what it leaves out."""
+    mc = served.loaded.model.config
+    policy = body.policy
+    if policy is not None and policy not in POLICIES:
+        raise bad_request(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param="policy")
+    if body.threshold is not None:
+        if policy not in (None, "threshold"):
+            raise bad_request(f"threshold applies to the threshold policy, not {policy}", param="threshold")
+        policy = "threshold"
+    policy = policy or DEFAULT_POLICY
+    block = body.block_size
+    if mc.attention == "block":
+        if block is not None and block != mc.block_size:
+            raise bad_request(f"{served.name} is block-causal and decodes with block_size {mc.block_size}, got {block}",
+                              param="block_size")
+        block = mc.block_size
+    elif block is None:
+        block = DEFAULT_BLOCK
+    temperature = body.temperature if body.temperature is not None else 0.0
+    try:
+        return GenerationConfig(
+            max_new_tokens=max_tokens,
+            block_size=block,
+            steps=body.steps,
+            policy=policy,
+            threshold=body.threshold if body.threshold is not None else DEFAULT_THRESHOLD,
+            temperature=temperature,
+            top_k=body.top_k,
+            top_p=None if body.top_p in (None, 1.0) else body.top_p,
+            stop_ids=stop_ids,
+        )
+    except UnmaskError as exc:
+        raise APIError(400, str(exc)) from None
