@@ -1,0 +1,1 @@
+"""Evaluation: perplexity bounds, HumanEval pass@1, infilling, syntax validity, and the sandbox that runs programs."""
