@@ -95,6 +95,24 @@ def early_stop(region: Tensor, ends: Tensor, mask_id: int) -> Tensor:
     return torch.where(fill, end_token, region)
 
 
+def compiled(fn: Callable[..., Tensor], backend: str) -> Callable[..., Tensor]:
+    """``fn`` as one whole graph: CUDA graphs through inductor's reduce-overhead mode; another
+    backend (e.g. "eager") only checks that it traces without breaks."""
+    options = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
+    return torch.compile(fn, fullgraph=True, **options)
+
+
+def static_cache(model: nn.Module, batch: int, capacity: int, pinned: bool) -> KVCache:
+    """A KV cache for the static passes; ``pinned`` marks its buffers as fixed addresses, so that
+    captured graphs may write into them in place."""
+    param = next(model.parameters())
+    cache = KVCache.allocate(model.config, batch, capacity, dtype=param.dtype, device=param.device)
+    if pinned:
+        for t in [*cache.keys, *cache.values, cache.positions, cache.valid]:
+            torch._dynamo.mark_static_address(t)
+    return cache
+
+
 class FastDecoder:
     """Decodes batches with static shapes; keeps compiled passes per shape for reuse across calls."""
 
@@ -104,10 +122,9 @@ class FastDecoder:
         self._full: Callable[..., Tensor] = self._full_pass
         self._block: Callable[..., Tensor] = self._block_pass
         self._caches: dict[tuple[int, int], KVCache] = {}
-        if compile:  # CUDA graphs through inductor's reduce-overhead mode; other backends check traceability
-            options = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
-            self._full = torch.compile(self._full_pass, fullgraph=True, **options)
-            self._block = torch.compile(self._block_pass, fullgraph=True, **options)
+        if compile:
+            self._full = compiled(self._full_pass, backend)
+            self._block = compiled(self._block_pass, backend)
 
     def _full_pass(self, ids: Tensor, positions: Tensor, valid: Tensor, cache: KVCache, index: Tensor) -> Tensor:
         zero = torch.zeros((), dtype=torch.long, device=ids.device)
@@ -120,12 +137,7 @@ class FastDecoder:
         """One cache per (batch, capacity), reused across calls so compiled graphs keep their addresses."""
         key = (batch, capacity)
         if key not in self._caches:
-            param = next(self.model.parameters())
-            cache = KVCache.allocate(self.model.config, batch, capacity, dtype=param.dtype, device=param.device)
-            if self.compile:
-                for t in [*cache.keys, *cache.values, cache.positions, cache.valid]:
-                    torch._dynamo.mark_static_address(t)
-            self._caches[key] = cache
+            self._caches[key] = static_cache(self.model, batch, capacity, self.compile)
         return self._caches[key]
 
     def generate(
@@ -210,8 +222,7 @@ class FastARDecoder:
         self._caches: dict[tuple[int, int], KVCache] = {}
         self.compile = compile
         if compile:
-            options = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
-            self._step = torch.compile(self._step_pass, fullgraph=True, **options)
+            self._step = compiled(self._step_pass, backend)
 
     def _step_pass(self, token: Tensor, position: Tensor, valid: Tensor, cache: KVCache, slot: Tensor) -> Tensor:
         return self.model(token, position, valid, cache=cache, cache_start=slot)[:, -1]
@@ -236,12 +247,7 @@ class FastARDecoder:
         capacity = -(-(width + n) // self.bucket) * self.bucket
         key = (batch, capacity)
         if key not in self._caches:
-            param = next(model.parameters())
-            self._caches[key] = KVCache.allocate(mc, batch, capacity, dtype=param.dtype, device=param.device)
-            if self.compile:
-                cache = self._caches[key]
-                for t in [*cache.keys, *cache.values, cache.positions, cache.valid]:
-                    torch._dynamo.mark_static_address(t)
+            self._caches[key] = static_cache(model, batch, capacity, self.compile)
         cache = self._caches[key]
         cache.valid.zero_()  # slots of an earlier call must not be seen
         valid = torch.ones_like(canvas.ids, dtype=torch.bool) if canvas.valid is None else canvas.valid
