@@ -79,4 +79,6 @@ def load(
         raise UnmaskError(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
         )
+    if tokenizer.vocab_size < model.config.vocab_size:  # padded embeddings (LLaDA, Qwen): never predict those rows
+        model.config.usable_vocab = tokenizer.vocab_size
     return LoadedModel(model=model, tokenizer=tokenizer, path=directory)

@@ -36,6 +36,7 @@ class ModelConfig:
     block_size: int = 32  # block length of block-causal attention; unused by the other modes
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2-style checkpoints)
     qk_norm: bool = False  # RMSNorm on each query/key head before rotary positions (Qwen3-style checkpoints)
+    usable_vocab: int | None = None  # ids >= this get logit -inf: embedding rows past the tokenizer's vocabulary
     tie_embeddings: bool = False  # share the embedding matrix with the output head
     shifted: bool = False  # logits at position i predict token i + 1 (AR models, Dream-style dLLMs)
     mask_token_id: int | None = None  # id of [MASK]; required for diffusion decoding
@@ -65,6 +66,10 @@ class ModelConfig:
             value = getattr(self, name)
             need(_positive(value), f"{name} must be a positive integer, got {value!r}")
         need(self.head_dim % 2 == 0, f"head dimension {self.head_dim} must be even for rotary embeddings")
+        need(
+            self.usable_vocab is None or (isinstance(self.usable_vocab, int) and 0 < self.usable_vocab <= self.vocab_size),
+            f"usable_vocab must be in [1, vocab_size], got {self.usable_vocab!r}",
+        )
         need(self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)

@@ -274,4 +274,8 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if logits_index is not None:
             x = x[:, logits_index]
-        return self.head(x).float()
+        logits = self.head(x).float()
+        usable = self.config.usable_vocab
+        if usable is not None and usable < self.config.vocab_size:  # rows no tokenizer id maps to
+            logits[..., usable:] = float("-inf")
+        return logits
