@@ -37,7 +37,8 @@ def free_port() -> int:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "unmask", "serve", "--port", str(port), "--log-level", "warning",
-           "--max-concurrency", str(args.max_concurrency), "--max-queue", "256", "--device", args.device]
+           "--max-concurrency", str(args.max_concurrency), "--max-queue", "256", "--device", args.device,
+           "--cache", args.cache]
     if args.model:
         cmd.append(args.model)
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
@@ -123,6 +124,7 @@ def main() -> None:
     p.add_argument("--model", help="model directory for the started server (default: the embedded model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-concurrency", type=int, default=32, help="batch size of the started server")
+    p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="the started server's block cache")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--policy", help="decoding policy (default: the server's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the server's)")

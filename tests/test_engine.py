@@ -230,3 +230,44 @@ def test_async_submitters_are_served_concurrently(model):
         expected = solo(model, request)
         assert tokens == expected.sequences[0] and frames == expected.steps[0]
     assert threading.active_count() >= 1
+
+
+def test_engine_block_cache_alone_equals_the_cached_decoder(model):
+    """One request at a time, the engine's dual cache does exactly what `generate(cache="dual")` does."""
+    requests = mixed_requests(model.config.vocab_size, 5, seed=2)
+    engine = Engine(model, max_batch=1, cache="dual").start()
+    try:
+        finals = [h.result() for h in [engine.submit(r) for r in requests]]
+    finally:
+        engine.shutdown_sync()
+    for request, final in zip(requests, finals):
+        cached = GenerationConfig(**{**request.config.__dict__, "cache": "dual"})
+        assert final.tokens == generate(model, [request.prompt], cached, seeds=[request.seed]).sequences[0]
+
+
+def test_engine_cache_is_exact_for_block_causal_models():
+    """Block-causal models have an exact cache: batched, staggered, cached = solo and uncached."""
+    from test_caches import make_model
+
+    block_model = make_model("block", shifted=True)
+    with torch.no_grad():  # let attention, not the token's own embedding, decide the output
+        for layer in block_model.layers:
+            layer.attn.v_proj.weight.mul_(8.0)
+    requests = [
+        EngineRequest(p, GenerationConfig(max_new_tokens=n, block_size=4, policy=policy, threshold=0.5), seed=i)
+        for i, (p, n, policy) in enumerate(
+            [([5, 6, 7], 9, "confidence"), ([8], 12, "threshold"), ([9, 10, 11, 12, 13], 7, "confidence"),
+             ([14, 15], 10, "threshold"), ([16] * 6, 8, "entropy")]
+        )
+    ]
+    engine = Engine(block_model, max_batch=3, cache="dual").start()
+    try:
+        handles = []
+        for request in requests:
+            handles.append(engine.submit(request))
+            time.sleep(0.002)
+        finals = [h.result() for h in handles]
+    finally:
+        engine.shutdown_sync()
+    for request, final in zip(requests, finals):
+        assert final.tokens == solo(block_model, request).sequences[0]

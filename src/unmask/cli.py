@@ -477,6 +477,9 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-concurrency", type=positive_int, default=8, help="requests per model decoded in one batch")
     serve.add_argument("--max-queue", type=_bounded(int, 0), default=64, help="requests per model waiting for a slot; more get 429")
     serve.add_argument("--max-model-len", type=positive_int, help="cap on prompt + answer tokens (default: the model's context)")
+    serve.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                       help="block KV cache of the running batch (approximate for bidirectional models, exact for block-causal)")
+    serve.add_argument("--cache-refresh", type=positive_int, help="with --cache: recompute every canvas every N steps")
     serve.add_argument("--max-n", type=positive_int, default=8, help="most choices (n x prompts) per request")
     serve.add_argument("--shutdown-timeout", type=_bounded(float, 0.0, 3600.0), default=10.0,
                        help="seconds in-flight requests get to finish on SIGTERM")
@@ -500,7 +503,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = LaunchOptions(
         model=args.model_name or args.model, ar_model=args.ar_model, served_model_name=args.served_model_name,
         host=args.host, port=args.port, device=args.device, max_concurrency=args.max_concurrency,
-        max_queue=args.max_queue, log_level=args.log_level,
+        max_queue=args.max_queue, cache=args.cache, cache_refresh=args.cache_refresh, log_level=args.log_level,
     )
     run_server(options, settings)
 

@@ -20,6 +20,7 @@ from typing import AsyncIterator, Iterator
 import torch
 from torch import nn
 
+from unmask.decoding.caches import CACHES, BlockCache
 from unmask.decoding.generate import GenerationConfig, model_device, pad_batch
 from unmask.engine.jobs import ARJob, DiffusionJob
 from unmask.errors import UnmaskError
@@ -131,9 +132,24 @@ class _Stats:
 class Engine:
     """Serves one model; see the module docstring."""
 
-    def __init__(self, model: nn.Module, *, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        cache: str = "none",
+        cache_refresh: int | None = None,
+    ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise UnmaskError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if cache not in CACHES:
+            raise UnmaskError(f"unknown cache {cache!r} (choose from {', '.join(CACHES)})")
+        # The block cache of the running batch (see decoding.caches): kept while the batch's members
+        # stay the same, started afresh (one full pass) when a request joins or leaves.
+        self.cache_mode, self.cache_refresh = cache, cache_refresh
+        self._block_cache: BlockCache | None = None
+        self._cache_members: tuple[int, ...] = ()
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.config = model.config
         self._device = model_device(model)
@@ -272,7 +288,19 @@ class Engine:
         canvas = pad_batch(seqs, 0, pad_id, [[] for _ in seqs], pad_id, self._device)
         lo = min(p + w[0] for p, w in zip(pads, windows))
         hi = max(p + w[1] for p, w in zip(pads, windows))
-        logits = self.model(canvas.ids, canvas.positions, canvas.valid, logits_index=slice(lo, hi))
+        if self.cache_mode == "none":
+            logits = self.model(canvas.ids, canvas.positions, canvas.valid, logits_index=slice(lo, hi))
+        else:
+            members = tuple(id(h) for h in handles) + (width,)
+            if self._block_cache is None or members != self._cache_members:
+                self._block_cache = BlockCache(self.model, self.cache_mode, self.cache_refresh)
+                self._cache_members = members
+            shift = 1 if self.config.shifted else 0
+            span = slice(
+                min(p + job.block_slot() for p, job in zip(pads, jobs)),  # type: ignore[union-attr]
+                max(p + w[1] + shift for p, w in zip(pads, windows)),
+            )
+            logits = self._block_cache(canvas, None, slice(lo, hi), span)
         self._stats.forward_passes += 1
         for r, (handle, pad, (a, b)) in enumerate(zip(handles, pads, windows)):
             written = handle.job.advance(logits[r : r + 1, pad + a - lo : pad + b - lo])  # type: ignore[union-attr]

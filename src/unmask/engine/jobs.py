@@ -51,6 +51,7 @@ class DiffusionJob:
         self.row = plan_rows(model, [prompt], config, None if seed is None else [seed])[0]
         self.tokens = torch.tensor(prompt + [self.mask_id] * n + suffix, dtype=torch.long, device=model_device(model))
         self.start, self.shift = len(prompt), 1 if mc.shifted else 0
+        self.aligned, self.block_size = mc.attention == "block", mc.block_size
         self.policy = make_policy(config)
         self.end_list = end_ids(mc, config)
         self.ends = (
@@ -74,6 +75,12 @@ class DiffusionJob:
         lo = self.start + int(self._cands[0])
         hi = self.start + self.row.blocks[self.row.block][1]
         return lo - self.shift, hi - self.shift
+
+    def block_slot(self) -> int:
+        """First slot of the current block in this job's own sequence (block-causal: aligned to the
+        block grid, so it may lie inside the prompt); call after ``window()``."""
+        slot = self.start + self.row.blocks[self.row.block][0]
+        return slot - slot % self.block_size if self.aligned else slot
 
     def advance(self, logits: Tensor) -> list[int]:
         """Commit this step's picks from ``logits`` [1, hi - lo, V] of ``window()``; returns the region indices written."""

@@ -34,14 +34,16 @@ class LaunchOptions:
     device: str = "auto"  # cpu, cuda, cuda:1 or auto
     max_concurrency: int = 8  # requests per model decoded together in one batch
     max_queue: int = 64  # requests per model that may wait for a batch slot; more get 429
+    cache: str = "none"  # block KV cache of the diffusion model's running batch: none | prefix | dual
+    cache_refresh: int | None = None  # with a cache: recompute everything every this many steps
     log_level: str = "info"
 
 
 def serve_model(name: str, loaded: LoadedModel, max_model_len: int | None = None, max_concurrency: int = 8,
-                max_queue: int = 64) -> ServedModel:
+                max_queue: int = 64, cache: str = "none", cache_refresh: int | None = None) -> ServedModel:
     """Wrap a loaded model with an engine (not started yet) under ``name``; context capped at ``max_model_len``."""
     context = loaded.model.config.max_seq_len
-    engine = Engine(loaded.model, max_batch=max_concurrency, max_queue=max_queue)
+    engine = Engine(loaded.model, max_batch=max_concurrency, max_queue=max_queue, cache=cache, cache_refresh=cache_refresh)
     return ServedModel(name, loaded, engine, min(context, max_model_len or context))
 
 
@@ -60,7 +62,8 @@ def load_served(options: LaunchOptions, settings: ServeSettings) -> dict[str, Se
     limit, context = settings.max_model_len, main.model.config.max_seq_len
     if limit is not None and limit > context:
         raise UnmaskError(f"--max-model-len {limit} exceeds the model's context of {context} tokens")
-    served = {name: serve_model(name, main, limit, options.max_concurrency, options.max_queue)}
+    served = {name: serve_model(name, main, limit, options.max_concurrency, options.max_queue,
+                                options.cache, options.cache_refresh)}
     if options.ar_model is not None:
         ar = load(options.ar_model, device=options.device)
         if ar.model.config.attention != "causal":
