@@ -1,4 +1,6 @@
-"""Published checkpoint layouts behind `unmask serve`: chat with the checkpoint's own template and stop ids."""
+"""Published checkpoint layouts behind `unmask serve --cache dual`: chat with the checkpoint's own
+template and stop ids, answered as the library's cached decoder answers (exactly the uncached one
+for the block-causal families)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def test_chat_completions_on_a_published_layout(family, tmp_path):
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "unmask", "serve", str(directory), "--served-model-name", family, "--port", str(port),
-         "--device", "cpu", "--log-level", "warning"],
+         "--device", "cpu", "--log-level", "warning", "--cache", "dual"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
@@ -52,7 +54,7 @@ def test_chat_completions_on_a_published_layout(family, tmp_path):
         ids = tok.encode_chat(MESSAGES)
         assert reply.usage.prompt_tokens == len(ids)  # the checkpoint's own template, rendered the same way
         config = GenerationConfig(max_new_tokens=2 * block, steps=block, block_size=block, policy="confidence",
-                                  stop_ids=tuple(sorted(tok.stop_ids)))
+                                  stop_ids=tuple(sorted(tok.stop_ids)), cache="dual")  # the server's --cache dual
         expected = generate(loaded.model, [ids], config)
         assert reply.choices[0].message.content == tok.decode(expected.sequences[0])
         assert reply.choices[0].finish_reason == expected.finish_reasons[0]
