@@ -27,7 +27,7 @@ from unmask.models.transformer import Transformer
 SHAPES: dict[str, dict[str, Any]] = {
     "llada-8b": dict(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=12288, rope_theta=500000.0),
     "dream-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944, qkv_bias=True),
-    "coder-nano": dict(vocab_size=12288, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408),
+    "coder-nano": dict(vocab_size=12288, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, tie_embeddings=True),
     "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176),
 }
 
@@ -69,6 +69,8 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: 
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)
+    if config.tie_embeddings:  # to_empty gives every parameter its own storage
+        model.head.weight = model.embed.weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
