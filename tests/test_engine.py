@@ -55,6 +55,15 @@ def mixed_requests(vocab: int, count: int, seed: int = 0) -> list[EngineRequest]
     return out
 
 
+def run_all(model, requests: list[EngineRequest], **engine_kw) -> list[Final]:
+    """Submit every request at once to a fresh engine and wait for all of them."""
+    engine = Engine(model, **engine_kw).start()
+    try:
+        return [h.result() for h in [engine.submit(r) for r in requests]]
+    finally:
+        engine.shutdown_sync()
+
+
 def solo(model, request: EngineRequest):
     if request.suffix is not None:
         return infill(model, [request.prompt], [request.suffix], request.config, seeds=[request.seed])
@@ -95,11 +104,7 @@ def test_fill_in_the_middle_equals_infill(model):
         )
         for i in range(6)
     ]
-    engine = Engine(model, max_batch=4).start()
-    try:
-        finals = [h.result() for h in [engine.submit(r) for r in requests]]
-    finally:
-        engine.shutdown_sync()
+    finals = run_all(model, requests, max_batch=4)
     for request, final in zip(requests, finals):
         assert final.tokens == solo(model, request).sequences[0]
 
@@ -134,11 +139,7 @@ def test_autoregressive_engine_equals_ar_generate(ar_model):
         )
         for i in range(6)
     ]
-    engine = Engine(ar_model, max_batch=3).start()
-    try:
-        finals = [h.result() for h in [engine.submit(r) for r in requests]]
-    finally:
-        engine.shutdown_sync()
+    finals = run_all(ar_model, requests, max_batch=3)
     for request, final in zip(requests, finals):
         expected = ar_generate(ar_model, [request.prompt], request.config, seeds=[request.seed])
         assert final.tokens == expected.sequences[0]
@@ -235,11 +236,7 @@ def test_async_submitters_are_served_concurrently(model):
 def test_engine_block_cache_alone_equals_the_cached_decoder(model):
     """One request at a time, the engine's dual cache does exactly what `generate(cache="dual")` does."""
     requests = mixed_requests(model.config.vocab_size, 5, seed=2)
-    engine = Engine(model, max_batch=1, cache="dual").start()
-    try:
-        finals = [h.result() for h in [engine.submit(r) for r in requests]]
-    finally:
-        engine.shutdown_sync()
+    finals = run_all(model, requests, max_batch=1, cache="dual")
     for request, final in zip(requests, finals):
         cached = GenerationConfig(**{**request.config.__dict__, "cache": "dual"})
         assert final.tokens == generate(model, [request.prompt], cached, seeds=[request.seed]).sequences[0]

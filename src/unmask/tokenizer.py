@@ -189,7 +189,7 @@ class Tokenizer:
             raise UnmaskError(f"tokenizer directory not found: {root}")
         if backend is None:
             backend = _read_backend(root / "tokenizer.json")
-        config = _read_config(root / "tokenizer_config.json")
+        config = read_json_object(root / "tokenizer_config.json")
         kwargs: dict[str, Any] = {}
         defaults = {"eos": EOS, "mask": MASK, "pad": PAD, "fim_prefix": FIM_PREFIX,
                     "fim_suffix": FIM_SUFFIX, "fim_middle": FIM_MIDDLE}
@@ -384,7 +384,8 @@ def _read_backend(tok_file: Path) -> tokenizers.Tokenizer:
         raise UnmaskError(f"cannot read {tok_file}: {reason}") from None
 
 
-def _read_config(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``; ``{}`` when there is no such file; a one-line error otherwise."""
     if not file.exists():
         return {}
     try:

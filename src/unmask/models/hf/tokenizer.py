@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +23,13 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.hf.family import Family
-from unmask.tokenizer import Tokenizer
+from unmask.tokenizer import Tokenizer, read_json_object
 
 # Qwen2's pre-tokenizer split (contractions, letters, single digits, punctuation, newlines, spaces).
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ``{}`` when the file does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnmaskError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UnmaskError(f"{path}: expected a JSON object")
-    return data
 
 
 def qwen2_backend(directory: Path, tokenizer_config: dict[str, Any]) -> tokenizers.Tokenizer:
@@ -110,7 +96,7 @@ def _ids(value: Any) -> list[int]:
 
 def load_tokenizer(directory: Path, family: Family, config: ModelConfig) -> Tokenizer:
     """The checkpoint's tokenizer; fills ``config``'s missing mask/eos/pad ids from it."""
-    tokenizer_config = read_json(directory / "tokenizer_config.json")
+    tokenizer_config = read_json_object(directory / "tokenizer_config.json")
     backend = _backend(directory, family, tokenizer_config)
     mask = config.mask_token_id
     if mask is None:
@@ -121,7 +107,7 @@ def load_tokenizer(directory: Path, family: Family, config: ModelConfig) -> Toke
             f"{directory / 'config.json'}: no mask_token_id, and the tokenizer has none of {list(family.mask_tokens)}"
         )
     strings = [_token_string(tokenizer_config.get("eos_token")), *family.end_of_turn]
-    ids = _ids(config.eos_token_id) + _ids(read_json(directory / "generation_config.json").get("eos_token_id"))
+    ids = _ids(config.eos_token_id) + _ids(read_json_object(directory / "generation_config.json").get("eos_token_id"))
     size = backend.get_vocab_size(with_added_tokens=True)
     stop = [backend.token_to_id(s) for s in strings if s and backend.token_to_id(s) is not None]
     stop += [i for i in ids if 0 <= i < size]
