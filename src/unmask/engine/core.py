@@ -10,6 +10,7 @@ Cancelled requests leave the batch before the next step. The engine works on tok
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import time
@@ -67,8 +68,11 @@ Event = Frame | Final
 class Handle:
     """A submitted request: iterate it (async or sync) for its events; ``cancel()`` to drop it."""
 
+    _serials = itertools.count()
+
     def __init__(self, request: EngineRequest, job: DiffusionJob | ARJob) -> None:
         self.request, self.job = request, job
+        self.serial = next(Handle._serials)  # unique for the process's life (an id() may be reused)
         self.submitted = time.perf_counter()
         self.admitted: float | None = None
         self.cancelled = False
@@ -291,7 +295,7 @@ class Engine:
         if self.cache_mode == "none":
             logits = self.model(canvas.ids, canvas.positions, canvas.valid, logits_index=slice(lo, hi))
         else:
-            members = tuple(id(h) for h in handles) + (width,)
+            members = tuple(h.serial for h in handles) + (width,)
             if self._block_cache is None or members != self._cache_members:
                 self._block_cache = BlockCache(self.model, self.cache_mode, self.cache_refresh)
                 self._cache_members = members
