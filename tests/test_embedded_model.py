@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import unmask
@@ -15,15 +16,17 @@ from unmask.loading import default_model_dir
 MAX_BYTES = 10 * 1024 * 1024
 
 
-def test_embedded_model_is_small_and_complete() -> None:
-    directory = default_model_dir()
+@pytest.mark.parametrize("name", ["default", "default-ar"])
+def test_embedded_model_is_small_and_complete(name: str) -> None:
+    directory = default_model_dir(name)
     files = {p.name for p in directory.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md", "training.json"} <= files
     assert sum(p.stat().st_size for p in directory.iterdir()) <= MAX_BYTES
 
 
-def test_model_card_reports_the_recorded_training_figures() -> None:
-    directory = default_model_dir()
+@pytest.mark.parametrize("name", ["default", "default-ar"])
+def test_model_card_reports_the_recorded_training_figures(name: str) -> None:
+    directory = default_model_dir(name)
     record = json.loads((directory / "training.json").read_text())
     card = (directory / "MODEL_CARD.md").read_text()
     assert f"{record['tokens_seen']:,}" in card
@@ -47,6 +50,19 @@ def test_embedded_model_writes_mostly_python_tokens_and_beats_chance() -> None:
     with torch.no_grad():
         per_token = diffusion_loss(model, x0, t=t, generator=torch.Generator().manual_seed(0)).loss.item()
     assert per_token < 0.6 * torch.log(torch.tensor(float(tok.vocab_size))).item()
+
+
+def test_the_ar_twin_is_the_same_model_read_causally_and_beats_chance() -> None:
+    twin, diffusion = unmask.load("default-ar", device="cpu"), unmask.load(device="cpu")
+    mt, md = twin.model.config, diffusion.model.config
+    assert mt.attention == "causal" and mt.shifted and twin.model.num_params() == diffusion.model.num_params()
+    assert (mt.d_model, mt.n_layers, mt.n_heads, mt.max_seq_len) == (md.d_model, md.n_layers, md.n_heads, md.max_seq_len)
+    assert twin.tokenizer.encode("def fib(n):") == diffusion.tokenizer.encode("def fib(n):")
+    code = twin.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n")
+    with torch.no_grad():
+        logits = twin.model(torch.tensor([code]))[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(code[1:])).item()
+    assert nll < 0.6 * torch.log(torch.tensor(float(twin.tokenizer.vocab_size))).item()
 
 
 def test_generate_on_a_fresh_install_needs_no_model_flag() -> None:

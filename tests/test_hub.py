@@ -145,7 +145,7 @@ def test_pull_fetches_only_safe_files_and_list_and_load_find_it(tmp_path: Path, 
     listed = run_cli("list", "--json", env=env)
     assert listed.returncode == 0, listed.stderr
     entries = {e["name"]: e for e in json.loads(listed.stdout)}
-    assert set(entries) == {"default", "test-org/tiny"}
+    assert set(entries) == {"default", "default-ar", "test-org/tiny"}
     entry = entries["test-org/tiny"]
     with safe_open(str(target / "model.safetensors"), framework="pt") as f:
         elements = sum(f.get_tensor(k).numel() for k in f.keys())

@@ -38,6 +38,7 @@ RECORD_NAME = ".unmask-pull.json"
 PARTIAL_SUFFIX = ".partial"
 STALE_SUFFIX = ".old"
 DEFAULT_NAME = "default"
+SHIPPED_NAMES = (DEFAULT_NAME, "default-ar")  # models inside the package: the diffusion stand-in, its AR twin
 DEFAULT_TIMEOUT = 5.0  # seconds to wait for the Hub before giving up
 
 # Fetched: top-level files matching these. Everything a loader reads is among them.
@@ -84,7 +85,7 @@ def model_path(repo_id: str) -> Path:
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
-    """The model directory a user means by ``name``: a directory, ``default``, or a cached ``org/name``.
+    """The model directory a user means by ``name``: a directory, ``default`` / ``default-ar``, or a cached ``org/name``.
 
     An existing directory wins over a cached model of the same name.
     """
@@ -92,10 +93,10 @@ def resolve_model(name: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     text = str(name)
-    if text == DEFAULT_NAME:
+    if text in SHIPPED_NAMES:
         from unmask.loading import default_model_dir
 
-        return default_model_dir()
+        return default_model_dir(text)
     cached = _cached_dir(text)
     if cached is not None:
         if cached.is_dir():
@@ -172,7 +173,7 @@ def list_models() -> list[ModelEntry]:
     """The embedded default model, then every model in the cache (incomplete downloads flagged)."""
     from unmask.loading import default_model_dir
 
-    entries = [describe(default_model_dir(), DEFAULT_NAME)]
+    entries = [describe(default_model_dir(n), n) for n in SHIPPED_NAMES if default_model_dir(n).is_dir()]
     root = cache_dir()
     if not root.is_dir():
         return entries

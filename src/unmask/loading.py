@@ -18,9 +18,10 @@ from unmask.models.transformer import Transformer
 from unmask.tokenizer import Tokenizer
 
 
-def default_model_dir() -> Path:
-    """The small model shipped inside the package, used when no model is named."""
-    return Path(str(resources.files("unmask") / "assets" / "default"))
+def default_model_dir(name: str = "default") -> Path:
+    """A small model shipped inside the package: ``default`` (diffusion, used when no model is
+    named) or ``default-ar`` (its autoregressive twin)."""
+    return Path(str(resources.files("unmask") / "assets" / name))
 
 
 @dataclass
