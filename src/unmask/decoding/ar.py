@@ -21,6 +21,7 @@ from unmask.decoding.generate import (
     finish,
     model_device,
     pad_batch,
+    pad_id,
     result,
     row_generators,
 )
@@ -50,7 +51,7 @@ def ar_generate(
         raise UnmaskError("AR decoding needs a non-empty prompt (at least a BOS token)")
     gens = row_generators(b, config, seeds)
     device = model_device(model)
-    pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
+    pad = pad_id(mc)
     undecided = mc.mask_token_id if mc.mask_token_id is not None else -1
     canvas = pad_batch(prompts, 0, pad, [[] for _ in prompts], pad, device)
     width = canvas.ids.shape[1]

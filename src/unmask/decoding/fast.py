@@ -35,8 +35,10 @@ from unmask.decoding.generate import (
     finish,
     model_device,
     pad_batch,
+    pad_id,
     result,
     spread,
+    stop_tensor,
 )
 from unmask.decoding.sampling import filter_logits
 from unmask.errors import UnmaskError
@@ -113,18 +115,35 @@ def static_cache(model: nn.Module, batch: int, capacity: int, pinned: bool) -> K
     return cache
 
 
-class FastDecoder:
+class _StaticDecoder:
+    """What both fast decoders share: bucketed widths and one pinned cache per (batch, capacity),
+    reused across calls so that compiled graphs keep their addresses."""
+
+    def __init__(self, model: nn.Module, compile: bool, bucket: int, backend: str) -> None:
+        self.model, self.compile, self.bucket, self.backend = model, compile, bucket, backend
+        self._caches: dict[tuple[int, int], KVCache] = {}
+
+    def _pass(self, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        return compiled(fn, self.backend) if self.compile else fn
+
+    def _capacity(self, width: int) -> int:
+        return -(-width // self.bucket) * self.bucket
+
+    def _cache(self, batch: int, capacity: int) -> KVCache:
+        key = (batch, capacity)
+        if key not in self._caches:
+            self._caches[key] = static_cache(self.model, batch, capacity, self.compile)
+        return self._caches[key]
+
+
+class FastDecoder(_StaticDecoder):
     """Decodes batches with static shapes; keeps compiled passes per shape for reuse across calls."""
 
     def __init__(self, model: nn.Module, *, compile: bool = False, bucket: int = 64, backend: str = "inductor") -> None:
-        self.model, self.compile, self.bucket = model, compile, bucket
+        super().__init__(model, compile, bucket, backend)
         self.shapes: set[tuple[str, int, int]] = set()  # (pass, batch, width) shapes run so far
-        self._full: Callable[..., Tensor] = self._full_pass
-        self._block: Callable[..., Tensor] = self._block_pass
-        self._caches: dict[tuple[int, int], KVCache] = {}
-        if compile:
-            self._full = compiled(self._full_pass, backend)
-            self._block = compiled(self._block_pass, backend)
+        self._full = self._pass(self._full_pass)
+        self._block = self._pass(self._block_pass)
 
     def _full_pass(self, ids: Tensor, positions: Tensor, valid: Tensor, cache: KVCache, index: Tensor) -> Tensor:
         zero = torch.zeros((), dtype=torch.long, device=ids.device)
@@ -132,13 +151,6 @@ class FastDecoder:
 
     def _block_pass(self, ids: Tensor, positions: Tensor, valid: Tensor, cache: KVCache, slot: Tensor, width: int) -> Tensor:
         return self.model(ids, positions, valid, cache=cache, cache_start=slot, logits_index=slice(0, width))
-
-    def _cache(self, batch: int, capacity: int) -> KVCache:
-        """One cache per (batch, capacity), reused across calls so compiled graphs keep their addresses."""
-        key = (batch, capacity)
-        if key not in self._caches:
-            self._caches[key] = static_cache(self.model, batch, capacity, self.compile)
-        return self._caches[key]
 
     def generate(
         self, prompts: list[list[int]], config: GenerationConfig, *, seeds: list[int] | None = None
@@ -156,10 +168,10 @@ class FastDecoder:
         if shift and any(not p for p in prompts):
             raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
         device = model_device(model)
-        pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
+        pad = pad_id(mc)
         canvas = pad_batch(prompts, n, mask_id, [[] for _ in prompts], pad, device)
         width = canvas.ids.shape[1]
-        capacity = -(-width // self.bucket) * self.bucket
+        capacity = self._capacity(width)
         ids = torch.full((batch, capacity), pad, dtype=torch.long, device=device)
         ids[:, :width] = canvas.ids
         positions = torch.arange(capacity, device=device).expand(batch, capacity).clone()
@@ -169,7 +181,7 @@ class FastDecoder:
         cache = self._cache(batch, capacity)
         start = canvas.start
         ends_list = end_ids(mc, config)
-        ends = torch.tensor(ends_list, dtype=torch.long, device=device) if config.stop_at_eos and ends_list else None
+        ends = stop_tensor(ends_list, config, device)
         gens = None
         if config.temperature > 0:
             base = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()))
@@ -211,18 +223,14 @@ class FastDecoder:
         return result(sequences, reasons, nfe, steps.tolist(), None, started)
 
 
-class FastARDecoder:
+class FastARDecoder(_StaticDecoder):
     """AR decoding with a preallocated KV cache and a static one-token step (a CUDA graph when compiled)."""
 
     def __init__(self, model: nn.Module, *, compile: bool = False, bucket: int = 64, backend: str = "inductor") -> None:
         if not model.config.shifted:
             raise UnmaskError("AR decoding needs a shifted model (logit i predicts token i + 1)")
-        self.model, self.bucket = model, bucket
-        self._step: Callable[..., Tensor] = self._step_pass
-        self._caches: dict[tuple[int, int], KVCache] = {}
-        self.compile = compile
-        if compile:
-            self._step = compiled(self._step_pass, backend)
+        super().__init__(model, compile, bucket, backend)
+        self._step = self._pass(self._step_pass)
 
     def _step_pass(self, token: Tensor, position: Tensor, valid: Tensor, cache: KVCache, slot: Tensor) -> Tensor:
         return self.model(token, position, valid, cache=cache, cache_start=slot)[:, -1]
@@ -241,14 +249,10 @@ class FastARDecoder:
         if any(not p for p in prompts):
             raise UnmaskError("AR decoding needs a non-empty prompt (at least a BOS token)")
         device = model_device(model)
-        pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
+        pad = pad_id(mc)
         canvas = pad_batch(prompts, 0, pad, [[] for _ in prompts], pad, device)
         width = canvas.ids.shape[1]
-        capacity = -(-(width + n) // self.bucket) * self.bucket
-        key = (batch, capacity)
-        if key not in self._caches:
-            self._caches[key] = static_cache(model, batch, capacity, self.compile)
-        cache = self._caches[key]
+        cache = self._cache(batch, self._capacity(width + n))
         cache.valid.zero_()  # slots of an earlier call must not be seen
         valid = torch.ones_like(canvas.ids, dtype=torch.bool) if canvas.valid is None else canvas.valid
         zero = torch.zeros((), dtype=torch.long, device=device)
@@ -263,7 +267,7 @@ class FastARDecoder:
             slot = torch.tensor(width, device=device)
             ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
             ends_list = end_ids(mc, config)
-            ends = torch.tensor(ends_list, dtype=torch.long, device=device) if config.stop_at_eos and ends_list else None
+            ends = stop_tensor(ends_list, config, device)
             nfe, written = 1, n
             for i in range(n):
                 out[:, i : i + 1] = token

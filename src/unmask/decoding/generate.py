@@ -131,6 +131,16 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device(getattr(model, "device", "cpu"))
 
 
+def pad_id(model_config: ModelConfig) -> int:
+    """The id that fills padding slots: pad, else EOS, else 0 (padding is never attended to)."""
+    return next((i for i in (model_config.pad_token_id, model_config.eos_token_id) if i is not None), 0)
+
+
+def stop_tensor(ends: list[int], config: GenerationConfig, device: torch.device) -> Tensor | None:
+    """``ends`` on the device for early stopping, or None when there is nothing to stop at."""
+    return torch.tensor(ends, dtype=torch.long, device=device) if config.stop_at_eos and ends else None
+
+
 def end_ids(model_config: ModelConfig, config: GenerationConfig | None = None) -> list[int]:
     """Tokens that end a sequence: EOS, pad (which a model may use to close an infill), stop ids."""
     ids = {i for i in (model_config.eos_token_id, model_config.pad_token_id) if i is not None}
@@ -336,10 +346,9 @@ def _decode(
         raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
     rows = plan_rows(model, left, config, seeds)
     device = model_device(model)
-    pad = next((i for i in (mc.pad_token_id, mc.eos_token_id) if i is not None), 0)
-    canvas = pad_batch(left, n, mask_id, right, pad, device)
+    canvas = pad_batch(left, n, mask_id, right, pad_id(mc), device)
     ends_list = end_ids(mc, config)
-    ends = torch.tensor(ends_list, dtype=torch.long, device=device) if config.stop_at_eos and ends_list else None
+    ends = stop_tensor(ends_list, config, device)
     policy = make_policy(config)
     if forward is None:
         forward = full_forward(model) if config.cache == "none" else block_cache(model, config.cache, config.cache_refresh)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from unmask.decoding.caches import CACHES, BlockCache
-from unmask.decoding.generate import GenerationConfig, model_device, pad_batch
+from unmask.decoding.generate import Canvas, GenerationConfig, pad_id
 from unmask.engine.jobs import ARJob, DiffusionJob
 from unmask.errors import UnmaskError
 
@@ -133,6 +133,20 @@ class _Stats:
     finished: Counter[str] = field(default_factory=Counter)
 
 
+def left_padded(rows: list[torch.Tensor], pad: int) -> tuple[Canvas, list[int]]:
+    """Left-pad 1-D id tensors into one canvas on their device (no copy through the host);
+    returns it with each row's padding. Positions and validity as ``decoding.pad_batch`` makes them."""
+    width = max(row.shape[0] for row in rows)
+    pads = [width - row.shape[0] for row in rows]
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=rows[0].device)
+    for r, (row, p) in enumerate(zip(rows, pads)):
+        ids[r, p:] = row
+        valid[r, p:] = True
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return Canvas(ids, positions, valid if any(pads) else None, 0, width), pads
+
+
 class Engine:
     """Serves one model; see the module docstring."""
 
@@ -156,7 +170,6 @@ class Engine:
         self._cache_members: tuple[int, ...] = ()
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.config = model.config
-        self._device = model_device(model)
         self._cond = threading.Condition()
         self._waiting: deque[Handle] = deque()
         self._running: list[Handle] = []
@@ -285,11 +298,8 @@ class Engine:
         """One forward pass over every running diffusion job, left-padded into one batch."""
         jobs = [h.job for h in handles]
         windows = [job.window() for job in jobs]  # type: ignore[union-attr]
-        seqs = [job.tokens.tolist() for job in jobs]  # type: ignore[union-attr]
-        width = max(len(s) for s in seqs)
-        pads = [width - len(s) for s in seqs]
-        pad_id = next((i for i in (self.config.pad_token_id, self.config.eos_token_id) if i is not None), 0)
-        canvas = pad_batch(seqs, 0, pad_id, [[] for _ in seqs], pad_id, self._device)
+        canvas, pads = left_padded([job.tokens for job in jobs], pad_id(self.config))  # type: ignore[union-attr]
+        width = canvas.ids.shape[1]
         lo = min(p + w[0] for p, w in zip(pads, windows))
         hi = max(p + w[1] for p, w in zip(pads, windows))
         if self.cache_mode == "none":

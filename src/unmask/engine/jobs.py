@@ -23,6 +23,7 @@ from unmask.decoding.generate import (
     plan_rows,
     row_generators,
     select,
+    stop_tensor,
 )
 from unmask.decoding.policies import make_policy
 from unmask.decoding.sampling import predict
@@ -54,11 +55,7 @@ class DiffusionJob:
         self.aligned, self.block_size = mc.attention == "block", mc.block_size
         self.policy = make_policy(config)
         self.end_list = end_ids(mc, config)
-        self.ends = (
-            torch.tensor(self.end_list, dtype=torch.long, device=self.tokens.device)
-            if config.stop_at_eos and self.end_list
-            else None
-        )
+        self.ends = stop_tensor(self.end_list, config, self.tokens.device)
         self._cands: Tensor | None = None
 
     @property
