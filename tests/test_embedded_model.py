@@ -13,15 +13,27 @@ import unmask
 from unmask.decoding import GenerationConfig, decode
 from unmask.loading import default_model_dir
 
-MAX_BYTES = 10 * 1024 * 1024
+MAX_BYTES = 64 * 2**20  # the whole directory
+MAX_SHARD_BYTES = 15 * 2**20  # each weights file
 
 
 @pytest.mark.parametrize("name", ["default", "default-ar"])
 def test_embedded_model_is_small_and_complete(name: str) -> None:
     directory = default_model_dir(name)
     files = {p.name for p in directory.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md", "training.json"} <= files
+    assert {"config.json", "tokenizer.json", "MODEL_CARD.md", "training.json"} <= files
+    assert "model.safetensors" in files or "model.safetensors.index.json" in files
     assert sum(p.stat().st_size for p in directory.iterdir()) <= MAX_BYTES
+    assert all(p.stat().st_size <= MAX_SHARD_BYTES for p in directory.glob("*.safetensors"))
+
+
+def test_the_default_is_a_coder_with_a_code_vocabulary_and_context_512() -> None:
+    loaded = unmask.load(device="cpu")
+    assert loaded.model.config.max_seq_len >= 512
+    assert 8000 <= loaded.tokenizer.vocab_size <= 16500
+    # Code-friendly: a newline with its indentation, and runs of spaces, are single tokens.
+    for text in ("\n    ", "\n        ", "        "):
+        assert len(loaded.tokenizer.encode(text)) == 1, repr(text)
 
 
 @pytest.mark.parametrize("name", ["default", "default-ar"])

@@ -101,3 +101,21 @@ def test_eval_infill_command(tiny_model_dir: Path, tiny_ar_model_dir: Path, tmp_
         assert all(r["canvas"] == canvas_length(tok, r["truth"]) for r in record["results"])
         if mode == "prefix-only":
             assert all(r["middle"].count("\n") <= r["lines"] for r in record["results"])
+
+
+def test_tokens_per_step_paces_every_hole_alike(tiny_model_dir: Path) -> None:
+    from unmask.decoding import GenerationConfig
+    from unmask.eval.generation import fill
+
+    loaded = load(tiny_model_dir, device="cpu")
+    lengths = [3, 7, 12, 12, 20]
+    prefixes = ["def f(x):\n    y = x"] * len(lengths)
+    suffixes = ["\n    return y\n"] * len(lengths)
+    config = GenerationConfig(stop_at_eos=False, block_size=None)
+    for k in (1, 2, 4):
+        out = fill(loaded, prefixes, suffixes, lengths, config, batch_size=2, tokens_per_step=k)
+        # Each hole takes ceil(n / k) forward passes: the pace is k tokens per step whatever its length.
+        assert out.row_steps == sum(math.ceil(n / k) for n in lengths)
+        assert out.tokens == sum(lengths)
+    fixed = fill(loaded, prefixes, suffixes, lengths, GenerationConfig(stop_at_eos=False, block_size=None, steps=4), batch_size=2)
+    assert fixed.row_steps == sum(min(4, n) for n in lengths)

@@ -185,6 +185,9 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--workers", type=positive_int, default=2, help="programs run at once in the sandbox")
             p.add_argument("--timeout", type=_bounded(float, 0.0, 600.0, low_open=True), default=5.0, help="seconds per program")
             p.add_argument("--memory-mb", type=_bounded(int, 64), default=1024, help="address-space limit per program")
+        if name == "infill":
+            p.add_argument("--tokens-per-step", type=positive_int,
+                           help="give each hole ceil(length / K) steps (instead of --steps, which is the same for every hole)")
     for name, p in metrics.choices.items():
         p.add_argument("--limit", type=positive_int, help="evaluate only this many items (windows, problems, headers)")
         p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
@@ -586,7 +589,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         else:
             limits = Limits(timeout=args.timeout, memory_mb=args.memory_mb)
             module = humaneval if args.eval_command == "humaneval" else infill
-            extra = {"seed": args.seed} if module is infill else {}
+            extra = {"seed": args.seed, "tokens_per_step": args.tokens_per_step} if module is infill else {}
             report = module.evaluate(loaded, config, workers=args.workers, limits=limits, **common, **extra)
     show(report)
     if args.json:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from unmask.models.config import ModelConfig
+from unmask.models.transformer import select_positions
 
 MAX_ENUM_LEN = 12  # longest span whose 2^L mask sets we are willing to enumerate
 
@@ -211,6 +212,4 @@ class OracleModel(nn.Module):
         mass = (weight - top).exp() @ onehot
         logits = (mass.log() + top).view(b, self.length, vocab)[:, :t]  # [B, T, V]
         logits = torch.cat([logits, torch.full_like(logits[..., :1], self.mask_logit)], dim=-1)
-        if logits_index is not None:
-            logits = logits[:, logits_index]
-        return logits.float()
+        return select_positions(logits, logits_index).float()

@@ -35,11 +35,16 @@ def _require_mask_id(model: Transformer) -> int:
     return mask_id
 
 
+def masked_nll_flat(logits: Tensor, targets: Tensor, mask_id: int) -> Tensor:
+    """-log p(target) for flat [N, V] logits, [MASK] excluded from the normaliser."""
+    logits = logits.clone()
+    logits[:, mask_id] = float("-inf")
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 def masked_token_nll(logits: Tensor, x0: Tensor, masked: Tensor, mask_id: int) -> Tensor:
     """-log p(x0_i | x_t) at every masked position (0 elsewhere); [MASK] is never a prediction."""
-    logits = logits.clone()
-    logits[..., mask_id] = float("-inf")
-    nll = F.cross_entropy(logits.flatten(0, -2), x0.flatten(), reduction="none").view_as(x0)
+    nll = masked_nll_flat(logits.flatten(0, -2), x0.flatten(), mask_id).view_as(x0)
     return torch.where(masked, nll, torch.zeros_like(nll))
 
 
@@ -63,7 +68,10 @@ def diffusion_loss(
         t = sample_times(b, generator, eps, device=x0.device)
     maskable = None if prompt_mask is None else ~prompt_mask
     xt, masked = mask_tokens(x0, t, mask_id, maskable, generator)
-    nll = masked_token_nll(model(xt), x0, masked, mask_id)
+    # Logits at the masked positions only: the others carry no loss, and the head is the widest matrix.
+    logits = model(xt, logits_index=masked)
+    nll = torch.zeros(x0.shape, dtype=logits.dtype, device=x0.device)
+    nll[masked] = masked_nll_flat(logits, x0[masked], mask_id)
     per_seq = nll.sum(dim=1) / t
     if prompt_mask is None:
         return LossOutput(per_seq.sum() / (b * length), per_seq.detach().sum(), b * length)

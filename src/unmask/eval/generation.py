@@ -9,6 +9,7 @@ batching to waste less padding. Prompts longer than the model's context are cut 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,8 +75,13 @@ def _run(
     config: GenerationConfig,
     batch_size: int,
     progress: Progress | None,
+    tokens_per_step: int | None = None,
 ) -> Outputs:
-    """Decode ``(prompt_ids, suffix_ids or None, canvas_length)`` jobs; same canvas length per batch."""
+    """Decode ``(prompt_ids, suffix_ids or None, canvas_length)`` jobs; same canvas length per batch.
+
+    ``tokens_per_step``: each canvas of length n gets ``ceil(n / tokens_per_step)`` steps
+    (instead of ``config.steps``), so canvases of different lengths decode at the same pace.
+    """
     model, tok = loaded.model, loaded.tokenizer
     texts: list[str] = [""] * len(jobs)
     reasons: list[str] = [""] * len(jobs)
@@ -87,6 +93,8 @@ def _run(
     for (n, plain), members in sorted(groups.items()):
         members.sort(key=lambda i: (len(jobs[i][0]) + len(jobs[i][1] or []), i))
         cfg = dataclasses.replace(config, max_new_tokens=n)
+        if tokens_per_step is not None:
+            cfg = dataclasses.replace(cfg, steps=math.ceil(n / tokens_per_step))
         for batch in _batches(members, batch_size):
             seeds = [(config.seed or 0) + i for i in batch]
             if plain:
@@ -136,6 +144,7 @@ def fill(
     config: GenerationConfig,
     batch_size: int = 8,
     progress: Progress | None = None,
+    tokens_per_step: int | None = None,
 ) -> Outputs:
     """Write a middle of ``lengths[i]`` tokens between each prefix and suffix.
 
@@ -154,7 +163,7 @@ def fill(
             left, was_cut = fit_prompt(tok.encode(prefix), room)
             jobs.append((left, None, n))
         cut += was_cut
-    out = _run(loaded, jobs, config, batch_size, progress)
+    out = _run(loaded, jobs, config, batch_size, progress, tokens_per_step)
     out.truncated = cut
     out.mode = "fill-in-the-middle" if both else "prefix-only"
     return out

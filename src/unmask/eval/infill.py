@@ -105,15 +105,22 @@ def evaluate(
     batch_size: int = 8,
     workers: int = 2,
     limits: Limits | None = None,
+    tokens_per_step: int | None = None,
 ) -> Report:
-    """Pass rates for single-line and multi-line infilling on the first ``limit`` problems."""
+    """Pass rates for single-line and multi-line infilling on the first ``limit`` problems.
+
+    ``tokens_per_step``: each hole's canvas gets ``ceil(length / tokens_per_step)`` steps
+    (holes differ in length, so a fixed ``config.steps`` would decode them at different paces).
+    """
     problems = load_problems(limit)
     by_id = {p.task_id: p for p in problems}
     tasks = make_tasks(problems, seed)
     tok = loaded.tokenizer
     lengths = [canvas_length(tok, t.middle) for t in tasks]
     with progress_bar("infilling", len(tasks)) as advance:
-        outputs = fill(loaded, [t.prefix for t in tasks], [t.suffix for t in tasks], lengths, config, batch_size, advance)
+        outputs = fill(
+            loaded, [t.prefix for t in tasks], [t.suffix for t in tasks], lengths, config, batch_size, advance, tokens_per_step
+        )
     middles = outputs.texts
     if outputs.mode == "prefix-only":
         middles = [first_lines(m, t.n_lines) for m, t in zip(middles, tasks)]

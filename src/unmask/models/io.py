@@ -6,6 +6,7 @@ Every problem with a directory is reported as an ``UnmaskError`` naming the file
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,23 +17,28 @@ from safetensors.torch import save_file
 
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
+from unmask.models.hf.weights import INDEX_NAME, weight_files
 from unmask.models.transformer import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def state_for_saving(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state.pop("head.weight", None)
+def cast_state(state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a model directory stores: tied head dropped, floats cast to ``dtype``, contiguous on the CPU."""
     out = {}
     for name, tensor in state.items():
+        if name == "head.weight" and config.tie_embeddings:
+            continue
         tensor = tensor.detach()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         out[name] = tensor.contiguous().cpu()
     return out
+
+
+def state_for_saving(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return cast_state(model.state_dict(), model.config, dtype)
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -47,13 +53,70 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
 
 
-def save_model(model: Transformer, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (optionally cast, e.g. to bfloat16)."""
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped, in order, into files of at most ``max_bytes`` (a larger tensor gets a file of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None) -> list[Path]:
+    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json`` when the
+    tensors exceed ``max_shard_bytes`` (the Hugging Face layout, so other tools read it too)."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        atomic_save_file(tensors, directory / WEIGHTS_NAME)
+        return [directory / WEIGHTS_NAME]
+    groups = plan_shards(tensors, max_shard_bytes)
+    paths, weight_map = [], {}
+    for i, names in enumerate(groups, start=1):
+        path = directory / shard_name(i, len(groups))
+        atomic_save_file({n: tensors[n] for n in names}, path)
+        weight_map.update({n: path.name for n in names})
+        paths.append(path)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return paths
+
+
+def save_model(
+    model: Transformer, directory: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None
+) -> Path:
+    """Write ``config.json`` and the weights (optionally cast, e.g. to bfloat16; sharded past ``max_shard_bytes``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / CONFIG_NAME)
-    atomic_save_file(state_for_saving(model, dtype), directory / WEIGHTS_NAME)
+    write_weights(state_for_saving(model, dtype), directory, max_shard_bytes)
     return directory
+
+
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Every tensor of a model directory (one file or the index's shards) and a name for error messages."""
+    files = weight_files(directory)
+    if isinstance(files, list):
+        return read_safetensors(files[0]), str(files[0])
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(set(files.values())):
+        part = read_safetensors(path)
+        stray = sorted(n for n in part if files.get(n) != path)
+        if stray:
+            raise UnmaskError(f"{path}: holds {stray[0]}, which {INDEX_NAME} does not place there")
+        absent = sorted(n for n, f in files.items() if f == path and n not in part)
+        if absent:
+            raise UnmaskError(f"{path}: has no tensor {absent[0]}, which {INDEX_NAME} places there")
+        state.update(part)
+    return state, str(directory / INDEX_NAME)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -89,19 +152,19 @@ def load_state(model: Transformer, state: dict[str, torch.Tensor], source: str) 
 def load_model(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
-    """Build the model described by ``config.json`` and fill it from ``model.safetensors``."""
+    """Build the model described by ``config.json`` and fill it from its safetensors (one file or shards)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UnmaskError(f"{directory}: model directory not found")
     config = ModelConfig.load(directory / CONFIG_NAME)
-    state = read_safetensors(directory / WEIGHTS_NAME)
+    state, source = read_weights(directory)
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)
     if dtype is None:
         dtype = next(iter(state.values())).dtype if state else torch.float32
     model = model.to(dtype)
-    load_state(model, state, str(directory / WEIGHTS_NAME))
+    load_state(model, state, source)
     if config.tie_embeddings:
         model.head.weight = model.embed.weight
     return model.eval()

@@ -186,6 +186,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def select_positions(x: Tensor, index: Tensor | slice | None) -> Tensor:
+    """``x`` [B, T, ...] at ``index``: all (None), shared columns (slice or 1-d), or a [B, T] bool mask (flat)."""
+    if index is None:
+        return x
+    if isinstance(index, Tensor) and index.dtype == torch.bool and index.dim() == 2:
+        return x[index]
+    return x[:, index]
+
+
 class Transformer(nn.Module):
     """ids [B, T] (+ positions, key validity, optional KV cache) -> logits [B, T, vocab]."""
 
@@ -244,7 +253,8 @@ class Transformer(nn.Module):
             (default: appended after ``cache.length``). A tensor ``cache_start`` keeps every
             shape static (for CUDA graphs): slots are written by index and attention spans the
             whole buffer, its unwritten slots masked by ``cache.valid``; ``positions`` is required.
-        logits_index: which of the T positions to compute logits for (default all).
+        logits_index: which of the T positions to compute logits for (default all); a [B, T]
+            boolean tensor selects positions row by row and gives flat [N, V] logits.
         attn_mask: [B, 1, T, S] boolean mask replacing the one the attention mode implies
             (training objectives that attend in patterns no mode describes, e.g. block diffusion).
         """
@@ -272,8 +282,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i, start)
         x = self.norm(x)
-        if logits_index is not None:
-            x = x[:, logits_index]
+        x = select_positions(x, logits_index)
         logits = self.head(x).float()
         usable = self.config.usable_vocab
         if usable is not None and usable < self.config.vocab_size:  # rows no tokenizer id maps to

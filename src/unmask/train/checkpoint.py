@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
-from unmask.models.io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_file, load_model
+from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, load_model, write_weights
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -142,19 +142,14 @@ def read_optimizer_state(path: Path) -> dict[str, Any]:
     return unflatten_optimizer_state(tensors, meta)
 
 
-def save_weights(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
-    """``config.json`` + ``model.safetensors`` from a full state dict (the layout ``models.io`` reads)."""
+def save_weights(
+    directory: Path, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """``config.json`` + the safetensors weights from a full state dict (the layout ``models.io`` reads)."""
     directory.mkdir(parents=True, exist_ok=True)
     config.save(directory / CONFIG_NAME)
-    out = {}
-    for name, tensor in state.items():
-        if name == "head.weight" and config.tie_embeddings:
-            continue
-        tensor = tensor.detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        out[name] = tensor.contiguous().cpu()
-    atomic_save_file(out, directory / WEIGHTS_NAME)
+    write_weights(cast_state(state, config, dtype), directory, max_shard_bytes)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

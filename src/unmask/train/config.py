@@ -71,6 +71,7 @@ class TrainSection:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard per block (FSDP2 fully_shard)
     out_dir: str = ""  # outputs (data cache, checkpoints, final model, metrics); "" = runs/<config name>
     save_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the final model's weights
+    max_shard_mb: float | None = None  # split the final model's weights into safetensors shards of at most this many MiB
 
 
 @dataclass

@@ -32,7 +32,7 @@ from unmask.models.config import ModelConfig
 from unmask.models.transformer import Transformer
 from unmask.train.build import BuildOptions, build_shards, tokenizer_hash
 from unmask.train.checkpoint import gather_model_state, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
-from unmask.train.config import TrainConfig, fingerprint_hash, load_train_config
+from unmask.train.config import TrainConfig, TrainSection, fingerprint_hash, load_train_config
 from unmask.train.corpus import corpus_files
 from unmask.train.data import TokenData, TokenWindows, shard_data, step_torch_generator, token_files_data
 from unmask.train.distributed import (
@@ -216,12 +216,15 @@ def hardware(device: torch.device, ctx: DistContext | None = None, parallel: str
 
 
 def _write_final(
-    out_dir: Path, config: ModelConfig, model_state: dict[str, torch.Tensor], tokenizer: Any, save_dtype: str, training: dict[str, Any]
+    out_dir: Path, config: ModelConfig, model_state: dict[str, torch.Tensor], tokenizer: Any, section: TrainSection,
+    training: dict[str, Any],
 ) -> Path:
     final = out_dir / "final"
     tmp = out_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(tmp, config, model_state, torch.bfloat16 if save_dtype == "bfloat16" else torch.float32)
+    dtype = torch.bfloat16 if section.save_dtype == "bfloat16" else torch.float32
+    shard = None if section.max_shard_mb is None else int(section.max_shard_mb * 2**20)
+    save_weights(tmp, config, model_state, dtype, shard)
     if tokenizer is not None:
         tokenizer.save(tmp)
     (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
@@ -364,7 +367,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
     final = out_dir / "final"
     if ctx.is_main:
         metrics.close()
-        final = _write_final(out_dir, model_config, model_state, tokenizer, t.save_dtype, training)
+        final = _write_final(out_dir, model_config, model_state, tokenizer, t, training)
     barrier(ctx)
     return final
 
