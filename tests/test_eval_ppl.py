@@ -130,3 +130,9 @@ def test_eval_ppl_refuses_models_with_different_tokenizers(tiny_model_dir: Path,
     code = main(["eval", "ppl", "--model", str(tiny_model_dir), "--ar-model", str(other), "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 1 and "different tokenizers" in captured.err and "Traceback" not in captured.err
+
+
+def test_a_recorded_shard_directory_that_is_missing_is_one_clear_error(tmp_path: Path) -> None:
+    record = {"config": {"data": {"shards": str(tmp_path / "gone")}}}
+    with pytest.raises(UnmaskError, match="not here.*model card, or pass --data"):
+        heldout_documents(record)

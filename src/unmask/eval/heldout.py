@@ -50,6 +50,17 @@ def _record_data(training: dict[str, Any]) -> dict[str, Any]:
     return (training.get("config") or {}).get("data") or {}
 
 
+def _recorded_shards(d: dict[str, Any]) -> Path:
+    """The shard directory a training record names, which must exist here."""
+    path = Path(d["shards"])
+    if not (path / "manifest.json").is_file():
+        raise UnmaskError(
+            f"the model was trained on the shard directory {path}, which is not here (paths are relative to the "
+            "working directory); rebuild it with the commands in the model card, or pass --data"
+        )
+    return path
+
+
 def _split(patterns: Sequence[str], suffixes: Sequence[str], fraction: float, max_files: int | None) -> list[tuple[str, str]]:
     """The validation documents of a corpus, by the trainer's content-hash rule."""
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -87,7 +98,7 @@ def heldout_documents(training: dict[str, Any], data: Sequence[str] | None = Non
         return HeldOut(docs, f"{len(docs)} named files ({' '.join(data)})")
     d = _record_data(training)
     if d.get("shards"):
-        return _shard_documents(Path(d["shards"]))
+        return _shard_documents(_recorded_shards(d))
     if d.get("paths"):
         fraction = float(d.get("val_fraction") or 0.0)
         if fraction <= 0:
@@ -142,7 +153,7 @@ def heldout_tokens(tokenizer: Tokenizer, training: dict[str, Any], data: Sequenc
             return _directory_tokens(tokenizer, path)
     d = _record_data(training)
     if not data and d.get("shards"):
-        return _directory_tokens(tokenizer, Path(d["shards"]))
+        return _directory_tokens(tokenizer, _recorded_shards(d))
     if not data and d.get("val_tokens"):
         path = Path(d["val_tokens"])
         if not path.is_file():
