@@ -40,7 +40,7 @@ if [ "$left" -lt 30 ]; then
     exit 0
 fi
 echo "== training $config for at most ${left}s" | tee -a "$log"
-timeout --signal=INT "$left" $python -m unmask train "$config" 2>&1 | tee -a "$log"
+timeout --signal=INT --kill-after=20 "$left" $python -m unmask train "$config" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 cp "$run/metrics.jsonl" "$out/metrics-$kind.jsonl" 2>/dev/null
 if [ "$status" -ne 0 ]; then
