@@ -15,11 +15,12 @@ ALPHABET = "ab c\n:()=é€😀日本"
 
 
 def reference(tokenizer, ids: list[int], ends: set[int], stops: list[str]) -> str:
-    """Text of ``ids`` up to the first end token, cut at the earliest stop string."""
+    """Text of ``ids`` up to the first end token, cut before the stop string that is complete first
+    when the text is read character by character (the earlier start on a tie)."""
     cut = next((k for k, t in enumerate(ids) if t in ends), len(ids))
     text = tokenizer.decode(ids[:cut])
-    hits = [text.find(s) for s in stops if s and text.find(s) >= 0]
-    return text[: min(hits)] if hits else text
+    hits = [(text.find(s) + len(s), text.find(s)) for s in stops if s and text.find(s) >= 0]
+    return text[: min(hits)[1]] if hits else text
 
 
 def reveal(ids: list[int], rng: random.Random, per_step: int) -> list[list[int]]:
@@ -92,3 +93,14 @@ def test_canvas_view_pieces_join_to_the_text(tiny_tokenizer):
     assert [t is None for t in view.tokens] == [t == MASK for t in partial]
     full = canvas_view(tok, ids, MASK, step=3, committed=[0])
     assert full.masked == 0 and "".join(full.tokens) == tok.decode(ids)
+
+
+def test_the_stop_complete_first_wins_whatever_the_token_split(tiny_tokenizer):
+    tok = tiny_tokenizer
+    word = next(w for w in ("return", "def", "self") if len(tok.encode(w)) == 1)  # one multi-character token
+    text = "x" + word
+    stops = [word[0], text]  # word[0] is complete at character 2, the whole text only at its end
+    for ids in (tok.encode("x") + tok.encode(word), [i for ch in text for i in tok.encode(ch)]):
+        tracker = TextTracker(tok, set(), stops)
+        tracker.finish(ids)
+        assert tracker.text == "x" and tracker.stopped, ids

@@ -72,9 +72,11 @@ class TextTracker:
             return
         start = max(len(self.text) - max((len(s) for s in self.stops), default=0) + 1, 0)
         self.text += piece
-        hits = [at for at in (self.text.find(s, start) for s in self.stops) if at >= 0]
+        # The stop that completes first, character by character, wins (the earlier start on a tie),
+        # so where the text is cut does not depend on how the tokens split it.
+        hits = [(at + len(s), at) for s, at in ((s, self.text.find(s, start)) for s in self.stops) if at >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            self.text = self.text[: min(hits)[1]]
             self.stopped = True
 
     def _stop_prefix_len(self) -> int:
