@@ -57,9 +57,18 @@ def mixed_requests(vocab: int, count: int, seed: int = 0) -> list[EngineRequest]
 
 def run_all(model, requests: list[EngineRequest], **engine_kw) -> list[Final]:
     """Submit every request at once to a fresh engine and wait for all of them."""
-    engine = Engine(model, **engine_kw).start()
+    return run_on(Engine(model, **engine_kw), requests)
+
+
+def run_on(engine: Engine, requests: list[EngineRequest], stagger_s: float = 0.0) -> list[Final]:
+    """Start ``engine``, submit the requests ``stagger_s`` apart (later ones join mid-flight), wait, shut down."""
+    engine.start()
     try:
-        return [h.result() for h in [engine.submit(r) for r in requests]]
+        handles = []
+        for request in requests:
+            handles.append(engine.submit(request))
+            time.sleep(stagger_s)
+        return [h.result() for h in handles]
     finally:
         engine.shutdown_sync()
 
@@ -73,15 +82,8 @@ def solo(model, request: EngineRequest):
 def test_step_level_batching_equals_solo_decoding(model):
     """Requests joining a running batch at different steps get exactly what they get alone."""
     requests = mixed_requests(model.config.vocab_size, 14)
-    engine = Engine(model, max_batch=5, max_queue=32).start()
-    try:
-        handles = []
-        for request in requests:  # staggered: later requests join mid-flight
-            handles.append(engine.submit(request))
-            time.sleep(0.002)
-        finals = [h.result() for h in handles]
-    finally:
-        engine.shutdown_sync()
+    engine = Engine(model, max_batch=5, max_queue=32)
+    finals = run_on(engine, requests, stagger_s=0.002)
     for request, final in zip(requests, finals):
         expected = solo(model, request)
         assert final.tokens == expected.sequences[0]
@@ -257,14 +259,6 @@ def test_engine_cache_is_exact_for_block_causal_models():
              ([14, 15], 10, "threshold"), ([16] * 6, 8, "entropy")]
         )
     ]
-    engine = Engine(block_model, max_batch=3, cache="dual").start()
-    try:
-        handles = []
-        for request in requests:
-            handles.append(engine.submit(request))
-            time.sleep(0.002)
-        finals = [h.result() for h in handles]
-    finally:
-        engine.shutdown_sync()
+    finals = run_on(Engine(block_model, max_batch=3, cache="dual"), requests, stagger_s=0.002)
     for request, final in zip(requests, finals):
         assert final.tokens == solo(block_model, request).sequences[0]
