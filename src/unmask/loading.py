@@ -12,6 +12,7 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.hub import resolve_model
+from unmask.models.gguf import load_gguf
 from unmask.models.hf import is_hf_checkpoint, load_hf
 from unmask.models.io import load_model
 from unmask.models.transformer import Transformer
@@ -57,21 +58,24 @@ def resolve_device(device: str | None) -> torch.device:
 def load(
     path: str | Path | None = None, device: str | None = "auto", dtype: torch.dtype | None = None
 ) -> LoadedModel:
-    """Model + tokenizer from a model directory or cached name (``hub.resolve_model``); ``None``: the embedded model.
+    """Model + tokenizer from a model directory, GGUF file or name (``hub.resolve_model``); ``None``: the embedded model.
 
     The directory is unmask's own format (``config.json`` with ``"model_type": "unmask"``) or a
     published checkpoint in its Hugging Face layout (LLaDA, Dream, Fast-dLLM v2, SDAR; see
-    ``unmask.models.hf``). Weights keep their stored dtype unless ``dtype`` is given (e.g.
-    ``torch.bfloat16``), except that half-precision weights are widened to float32 on the CPU,
-    where float32 is both faster and exact.
+    ``unmask.models.hf``); a GGUF file is llama.cpp's format (``unmask.models.gguf``), its
+    quantised tensors dequantised. Weights keep their stored dtype unless ``dtype`` is given (e.g.
+    ``torch.bfloat16``), except that on the CPU everything is widened to float32, which is both
+    faster there and exact; a GGUF file on a GPU becomes bfloat16.
     """
     directory = default_model_dir() if path is None else resolve_model(path)
-    if not directory.is_dir():
-        raise UnmaskError(f"{directory}: model directory not found")
     device_ = resolve_device(device)
     if dtype is None and device_.type == "cpu":
         dtype = torch.float32
-    if is_hf_checkpoint(directory):
+    if directory.is_file():
+        model, tokenizer = load_gguf(directory, device=device_, dtype=dtype or torch.bfloat16)
+    elif not directory.is_dir():
+        raise UnmaskError(f"{directory}: model directory not found")
+    elif is_hf_checkpoint(directory):
         model, tokenizer = load_hf(directory, device=device_, dtype=dtype)
     else:
         model = load_model(directory, device=device_, dtype=dtype)
