@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from unmask.decoding.ar import ar_generate
@@ -20,6 +22,7 @@ from unmask.decoding.generate import (
     generate,
     infill,
 )
+from unmask.decoding.healing import Healing, completion_text, heal, heal_batch
 from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
 from unmask.decoding.sampling import Predictions, filter_logits, predict
 
@@ -27,6 +30,7 @@ __all__ = [
     "Canvas",
     "GenerationConfig",
     "GenerationResult",
+    "Healing",
     "LogitsFn",
     "POLICIES",
     "Policy",
@@ -34,10 +38,13 @@ __all__ = [
     "StepEvent",
     "StepPlan",
     "ar_generate",
+    "completion_text",
     "decode",
     "filter_logits",
     "full_forward",
     "generate",
+    "heal",
+    "heal_batch",
     "infill",
     "make_policy",
     "predict",
@@ -51,8 +58,12 @@ def decode(
     *,
     seeds: list[int] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    heal: Sequence[Healing | None] | None = None,
 ) -> GenerationResult:
-    """AR decoding for causal models, masked-diffusion decoding for bidirectional and block-causal ones."""
+    """AR decoding for causal models, masked-diffusion decoding for bidirectional and block-causal ones.
+
+    ``heal``: per prompt, a token-healing constraint (``unmask.decoding.healing``) or None.
+    """
     if model.config.attention == "causal":
-        return ar_generate(model, prompts, config, seeds=seeds, on_step=on_step)
-    return generate(model, prompts, config, seeds=seeds, on_step=on_step)
+        return ar_generate(model, prompts, config, seeds=seeds, on_step=on_step, heal=heal)
+    return generate(model, prompts, config, seeds=seeds, on_step=on_step, heal=heal)

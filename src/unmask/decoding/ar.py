@@ -7,7 +7,7 @@ checkpoints and AR twins of diffusion models can be compared on equal terms.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,15 +16,18 @@ from unmask.decoding.generate import (
     GenerationConfig,
     GenerationResult,
     StepEvent,
+    check_heal,
     check_prompts,
     end_ids,
     finish,
     model_device,
     pad_batch,
+    heal_slots,
     pad_id,
     result,
     row_generators,
 )
+from unmask.decoding.healing import Healing
 from unmask.decoding.sampling import predict
 from unmask.errors import UnmaskError
 from unmask.models.transformer import KVCache
@@ -37,8 +40,12 @@ def ar_generate(
     *,
     seeds: list[int] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    heal: Sequence[Healing | None] | None = None,
 ) -> GenerationResult:
-    """Continue each prompt token by token; ``nfe`` counts the prefill and every decode call."""
+    """Continue each prompt token by token; ``nfe`` counts the prefill and every decode call.
+
+    ``heal``: per prompt, a token-healing constraint on the first generated tokens (or None).
+    """
     started = time.perf_counter()
     config.validate()
     mc = model.config
@@ -47,6 +54,7 @@ def ar_generate(
     prompts = [list(p) for p in prompts]
     n, b = config.max_new_tokens, len(prompts)
     check_prompts(model, prompts, [n] * b)
+    check_heal(heal, b)
     if any(len(p) == 0 for p in prompts):
         raise UnmaskError("AR decoding needs a non-empty prompt (at least a BOS token)")
     gens = row_generators(b, config, seeds)
@@ -71,6 +79,9 @@ def ar_generate(
         nfe = 1
         for i in range(n):
             active = [r for r in range(b) if not done[r]]
+            slots = None
+            if heal is not None:
+                slots = heal_slots([heal[r] for r in active], out[active], [torch.tensor([i])] * len(active), undecided)
             pred = predict(
                 logits[active],
                 [1] * len(active),
@@ -79,6 +90,7 @@ def ar_generate(
                 top_k=config.top_k,
                 top_p=config.top_p,
                 mask_id=mc.mask_token_id,
+                healing=slots,
             )
             committed = torch.zeros(b, n, dtype=torch.bool, device=device)
             for r, token in zip(active, pred.tokens.tolist()):

@@ -20,7 +20,7 @@ the others finish, so its output does not depend on the batch. Greedy results eq
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from unmask.decoding.generate import (
     GenerationResult,
     block_bounds,
     block_budgets,
+    check_heal,
     check_prompts,
     end_ids,
     finish,
@@ -40,6 +41,7 @@ from unmask.decoding.generate import (
     spread,
     stop_tensor,
 )
+from unmask.decoding.healing import UNDECIDED, Healing, Slots, restrict
 from unmask.decoding.sampling import filter_logits
 from unmask.errors import UnmaskError
 from unmask.models.transformer import KVCache
@@ -67,13 +69,27 @@ def choose(
     count: Tensor | None,
     steps_left: int,
     noise: Tensor | None,
+    healing: Sequence[Slots | None] | None = None,
 ) -> Tensor:
-    """The block after one step: logits [B, W, V] predict each slot of ``block`` [B, W]."""
+    """The block after one step: logits [B, W, V] predict each slot of ``block`` [B, W]; ``healing``
+    constrains slots (flat index b * W + j) as ``unmask.decoding.healing.restrict`` does."""
     b, w, v = logits.shape
     filtered = filter_logits(
         logits.reshape(b * w, v), temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mask_id=mask_id
-    ).view(b, w, v)
+    )
+    picked: dict[int, int] = {}
+    if healing is not None:
+        flat_noise = None if noise is None else noise.reshape(b * w, v)
+
+        def pick(k: int) -> int:
+            picked[k] = int((filtered[k] if flat_noise is None else filtered[k] + flat_noise[k]).argmax())
+            return picked[k]
+
+        restrict(filtered, healing, pick)
+    filtered = filtered.view(b, w, v)
     tokens = (filtered if noise is None else filtered + noise).argmax(dim=-1)
+    for k, token in picked.items():
+        tokens[k // w, k % w] = token
     confidence = (filtered.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(filtered, dim=-1)).exp()
     masked = block == mask_id
     confidence = confidence.masked_fill(~masked, -1.0)
@@ -95,6 +111,22 @@ def early_stop(region: Tensor, ends: Tensor, mask_id: int) -> Tensor:
     fill = (first_end < first_mask)[:, None] & (torch.arange(n, device=region.device) > first_end[:, None])
     end_token = region.gather(1, first_end.clamp(max=n - 1)[:, None])
     return torch.where(fill, end_token, region)
+
+
+def block_slots(heal: Sequence[Healing | None] | None, region: Tensor, s: int, e: int, mask_id: int) -> list[Slots | None] | None:
+    """Token-healing slots of the block [s, e) of ``region`` [B, N] for ``choose``; None (no host read)
+    once the block lies past every row's constraint."""
+    if heal is None or all(h is None or s >= len(h.removed) for h in heal):
+        return None
+    w, out = e - s, []
+    for r, (h, row) in enumerate(zip(heal, region.tolist())):
+        masked = [j for j in range(w) if row[s + j] == mask_id]
+        if h is None or not masked:
+            out.append(None)
+            continue
+        region_row = [UNDECIDED if t == mask_id else t for t in row]
+        out.append(Slots(h, region_row, [s + j for j in masked], [r * w + j for j in masked]))
+    return out
 
 
 def compiled(fn: Callable[..., Tensor], backend: str) -> Callable[..., Tensor]:
@@ -153,8 +185,14 @@ class FastDecoder(_StaticDecoder):
         return self.model(ids, positions, valid, cache=cache, cache_start=slot, logits_index=slice(0, width))
 
     def generate(
-        self, prompts: list[list[int]], config: GenerationConfig, *, seeds: list[int] | None = None
+        self,
+        prompts: list[list[int]],
+        config: GenerationConfig,
+        *,
+        seeds: list[int] | None = None,
+        heal: Sequence[Healing | None] | None = None,
     ) -> GenerationResult:
+        """``heal``: per prompt, a token-healing constraint on the first generated tokens (or None)."""
         started = time.perf_counter()
         config.validate()
         model, mc = self.model, self.model.config
@@ -164,6 +202,7 @@ class FastDecoder(_StaticDecoder):
         prompts = [list(p) for p in prompts]
         mask_id, n, batch = mc.mask_token_id, config.max_new_tokens, len(prompts)
         check_prompts(model, prompts, [n] * batch)
+        check_heal(heal, batch)
         shift = 1 if mc.shifted else 0
         if shift and any(not p for p in prompts):
             raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
@@ -214,7 +253,8 @@ class FastDecoder(_StaticDecoder):
                 count = None
                 if config.policy == "confidence":
                     count = torch.tensor(quotas[step], device=device)
-                ids[:, start + s : start + e] = choose(logits, block, config, mask_id, count, budget - step, noise)
+                slots = block_slots(heal, ids[:, start : start + n], s, e, mask_id)
+                ids[:, start + s : start + e] = choose(logits, block, config, mask_id, count, budget - step, noise, slots)
                 if ends is not None:
                     ids[:, start : start + n] = early_stop(ids[:, start : start + n], ends, mask_id)
                 if count is None and not bool((ids[:, start + s : start + e] == mask_id).any()):
@@ -236,8 +276,14 @@ class FastARDecoder(_StaticDecoder):
         return self.model(token, position, valid, cache=cache, cache_start=slot)[:, -1]
 
     def generate(
-        self, prompts: list[list[int]], config: GenerationConfig, *, seeds: list[int] | None = None
+        self,
+        prompts: list[list[int]],
+        config: GenerationConfig,
+        *,
+        seeds: list[int] | None = None,
+        heal: Sequence[Healing | None] | None = None,
     ) -> GenerationResult:
+        """``heal``: per prompt, a token-healing constraint on the first generated tokens (or None)."""
         started = time.perf_counter()
         config.validate()
         model, mc = self.model, self.model.config
@@ -246,6 +292,7 @@ class FastARDecoder(_StaticDecoder):
         prompts = [list(p) for p in prompts]
         n, batch = config.max_new_tokens, len(prompts)
         check_prompts(model, prompts, [n] * batch)
+        check_heal(heal, batch)
         if any(not p for p in prompts):
             raise UnmaskError("AR decoding needs a non-empty prompt (at least a BOS token)")
         device = model_device(model)
@@ -262,6 +309,8 @@ class FastARDecoder(_StaticDecoder):
             if mask_id is not None:
                 logits[:, mask_id] = float("-inf")
             out = torch.empty(batch, n, dtype=torch.long, device=device)
+            longest = max((len(h.removed) for h in heal or () if h is not None), default=0)
+            ar_heal(logits, heal, out, 0, longest)
             token = logits.argmax(-1, keepdim=True)
             position = canvas.positions[:, -1:] + 1
             slot = torch.tensor(width, device=device)
@@ -279,6 +328,7 @@ class FastARDecoder(_StaticDecoder):
                 logits = self._step(token, position, ones, cache, slot).clone()
                 if mask_id is not None:
                     logits[:, mask_id] = float("-inf")
+                ar_heal(logits, heal, out, i + 1, longest)
                 token = logits.argmax(-1, keepdim=True)
                 position = position + 1
                 slot = slot + 1
@@ -287,3 +337,17 @@ class FastARDecoder(_StaticDecoder):
         sequences, reasons = finish(rows, ends_list, config.stop_at_eos)
         steps = [min(len(s) + (r == "stop"), written) for s, r in zip(sequences, reasons)]
         return result(sequences, reasons, nfe, steps, None, started)
+
+
+def ar_heal(logits: Tensor, heal: Sequence[Healing | None] | None, out: Tensor, i: int, longest: int) -> None:
+    """Greedy AR token healing: mask the logits [B, V] of generated position ``i`` given ``out[:, :i]``
+    (in place); nothing to do (and no host read) once ``i`` is past every constraint."""
+    if heal is None or i >= longest:
+        return
+    n = out.shape[1]
+    region = torch.full((out.shape[0], n), UNDECIDED, dtype=torch.long)
+    region[:, :i] = out[:, :i].cpu()
+    slots = [
+        None if h is None else Slots(h, region[r].tolist(), [i], [r]) for r, h in enumerate(heal)
+    ]
+    restrict(logits, slots, lambda k: int(logits[k].argmax()))

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from unmask.decoding.caches import CACHES, block_cache
+from unmask.decoding.healing import UNDECIDED, Healing, Slots
 from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
 from unmask.decoding.sampling import Predictions, predict
 from unmask.errors import UnmaskError
@@ -139,6 +140,29 @@ def pad_id(model_config: ModelConfig) -> int:
 def stop_tensor(ends: list[int], config: GenerationConfig, device: torch.device) -> Tensor | None:
     """``ends`` on the device for early stopping, or None when there is nothing to stop at."""
     return torch.tensor(ends, dtype=torch.long, device=device) if config.stop_at_eos and ends else None
+
+
+def check_heal(heal: Sequence[Healing | None] | None, rows: int) -> None:
+    if heal is not None and len(heal) != rows:
+        raise UnmaskError(f"got {len(heal)} token-healing constraints for {rows} prompts")
+
+
+def heal_slots(
+    heals: Sequence[Healing | None] | None, regions: Tensor | None, positions: Sequence[Tensor], undecided: int
+) -> list[Slots | None] | None:
+    """Where each row's predictions sit in a flat logits tensor, for the rows that heal (else None)."""
+    if heals is None or regions is None or all(h is None for h in heals):
+        return None
+    out: list[Slots | None] = []
+    offset = 0
+    for h, region, pos in zip(heals, regions, positions):
+        if h is not None and pos.numel() and int(pos.min()) < len(h.removed):
+            row = [UNDECIDED if t == undecided else t for t in region.tolist()]
+            out.append(Slots(h, row, pos.tolist(), list(range(offset, offset + pos.numel()))))
+        else:
+            out.append(None)
+        offset += pos.numel()
+    return out
 
 
 def end_ids(model_config: ModelConfig, config: GenerationConfig | None = None) -> list[int]:
@@ -334,6 +358,7 @@ def _decode(
     seeds: list[int] | None,
     on_step: Callable[[StepEvent], None] | None,
     forward: LogitsFn | None,
+    heal: Sequence[Healing | None] | None = None,
 ) -> GenerationResult:
     started = time.perf_counter()
     config.validate()
@@ -342,6 +367,7 @@ def _decode(
     if mask_id is None:
         raise UnmaskError("diffusion decoding needs a model with mask_token_id")
     check_prompts(model, left, [n + len(r) for r in right])
+    check_heal(heal, len(left))
     if mc.shifted and any(len(x) == 0 for x in left):
         raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
     rows = plan_rows(model, left, config, seeds)
@@ -368,7 +394,8 @@ def _decode(
             nfe += 1
             plans = [rows[r].plan(c.numel()) for r, c in zip(active, cands)]
             gens = [rows[r].generator for r in active]
-            picks = select(policy, logits, canvas.start - lo, cands, plans, gens, config, mask_id)
+            heals, regions = (None, None) if heal is None else ([heal[r] for r in active], region[active])
+            picks = select(policy, logits, canvas.start - lo, cands, plans, gens, config, mask_id, heals, regions)
             committed = torch.zeros(region.shape, dtype=torch.bool, device=device)
             for r, (pos, tokens) in zip(active, picks):
                 committed[r] = commit(rows[r], region[r], pos, tokens, ends, mask_id)
@@ -392,8 +419,11 @@ def select(
     gens: list[torch.Generator],
     config: GenerationConfig,
     mask_id: int,
+    heals: Sequence[Healing | None] | None = None,
+    regions: Tensor | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """(region positions, tokens) to commit for each active row."""
+    """(region positions, tokens) to commit for each active row; ``heals`` (with the rows' ``regions``
+    [A, N]) constrain the first generated tokens (token healing)."""
 
     def sample(positions: list[Tensor]) -> Predictions:
         flat = torch.cat([logits[a, p + base] for a, p in enumerate(positions)])
@@ -405,6 +435,7 @@ def select(
             top_k=config.top_k,
             top_p=config.top_p,
             mask_id=mask_id,
+            healing=heal_slots(heals, regions, positions, mask_id),
         )
         if bool((pred.tokens == mask_id).any()):
             raise RuntimeError("the sampler chose [MASK]; decoding would never finish")
@@ -438,9 +469,13 @@ def generate(
     seeds: list[int] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     forward: LogitsFn | None = None,
+    heal: Sequence[Healing | None] | None = None,
 ) -> GenerationResult:
-    """Write ``config.max_new_tokens`` tokens after each prompt by masked-diffusion denoising."""
-    return _decode(model, [list(p) for p in prompts], [[] for _ in prompts], config, seeds, on_step, forward)
+    """Write ``config.max_new_tokens`` tokens after each prompt by masked-diffusion denoising.
+
+    ``heal``: per prompt, a token-healing constraint on the first generated tokens (or None).
+    """
+    return _decode(model, [list(p) for p in prompts], [[] for _ in prompts], config, seeds, on_step, forward, heal)
 
 
 def infill(
@@ -452,13 +487,15 @@ def infill(
     seeds: list[int] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     forward: LogitsFn | None = None,
+    heal: Sequence[Healing | None] | None = None,
 ) -> GenerationResult:
     """Fill ``config.max_new_tokens`` masks between each prefix and suffix; only the middle is written.
 
-    The model may end the middle early with EOS/pad; those are stripped from the result.
+    The model may end the middle early with EOS/pad; those are stripped from the result. ``heal``:
+    per prefix, a token-healing constraint on the middle's first tokens (or None).
     """
     if len(prefixes) != len(suffixes):
         raise UnmaskError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
     if model.config.attention != "bidirectional":
         raise UnmaskError(f"infilling needs a bidirectional model, this one is {model.config.attention}")
-    return _decode(model, [list(p) for p in prefixes], [list(s) for s in suffixes], config, seeds, on_step, forward)
+    return _decode(model, [list(p) for p in prefixes], [list(s) for s in suffixes], config, seeds, on_step, forward, heal)

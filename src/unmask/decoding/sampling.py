@@ -6,10 +6,13 @@ for that row's positions, so a row's random stream never depends on the batch it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from unmask.decoding.healing import Slots, restrict
 
 
 def filter_logits(
@@ -90,18 +93,35 @@ def predict(
     top_k: int | None = None,
     top_p: float | None = None,
     mask_id: int | None = None,
+    healing: Sequence[Slots | None] | None = None,
 ) -> Predictions:
     """Predictions for logits [M, V] that stack ``counts[r]`` consecutive positions of row r.
 
     Greedy (argmax) at temperature 0; otherwise Gumbel-max, which samples exactly from the
-    filtered, tempered softmax, with each row's noise drawn from ``generators[r]``.
+    filtered, tempered softmax, with each row's noise drawn from ``generators[r]``. ``healing``:
+    per row, the token-healing constraint on its positions (see ``unmask.decoding.healing``);
+    a constrained position samples from the softmax restricted to its allowed tokens.
     """
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, mask_id=mask_id)
+    noise = None
+    if temperature > 0 and filtered.shape[0] > 0:
+        vocab = filtered.shape[-1]
+        noise = torch.cat([gumbel_noise(g, n, vocab) for g, n in zip(generators, counts) if n]).to(filtered.device)
+    picked: dict[int, int] = {}
+    if healing is not None:
+
+        def pick(k: int) -> int:
+            row = filtered[k]
+            score = row if noise is None else torch.log_softmax(row, dim=-1).double() + noise[k]
+            picked[k] = int(score.argmax())
+            return picked[k]
+
+        restrict(filtered, healing, pick)
     logprobs = torch.log_softmax(filtered, dim=-1)
-    if temperature == 0 or filtered.shape[0] == 0:
+    if noise is None:
         tokens = filtered.argmax(dim=-1)
     else:
-        vocab = filtered.shape[-1]
-        noise = torch.cat([gumbel_noise(g, n, vocab) for g, n in zip(generators, counts) if n])
-        tokens = (logprobs.double() + noise.to(logprobs.device)).argmax(dim=-1)
+        tokens = (logprobs.double() + noise).argmax(dim=-1)
+    for k, token in picked.items():  # the very picks later positions were constrained on
+        tokens[k] = token
     return Predictions(tokens, logprobs)

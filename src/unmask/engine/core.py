@@ -23,6 +23,7 @@ from torch import nn
 
 from unmask.decoding.caches import CACHES, BlockCache
 from unmask.decoding.generate import Canvas, GenerationConfig, pad_id
+from unmask.decoding.healing import Healing
 from unmask.engine.jobs import ARJob, DiffusionJob
 from unmask.errors import UnmaskError
 
@@ -42,6 +43,7 @@ class EngineRequest:
     suffix: list[int] | None = None  # fill-in-the-middle: the text after the written middle
     seed: int | None = None  # overrides config.seed for this request
     frames: bool = True  # send a Frame after every step
+    heal: Healing | None = None  # token healing: the answer's first tokens must spell heal.removed (see decoding.healing)
 
 
 @dataclass
@@ -191,9 +193,9 @@ class Engine:
         if self.config.attention == "causal":
             if request.suffix:
                 raise UnmaskError("fill-in-the-middle needs a diffusion model; this one is autoregressive")
-            job: DiffusionJob | ARJob = ARJob(self.model, list(request.prompt), request.config, seed)
+            job: DiffusionJob | ARJob = ARJob(self.model, list(request.prompt), request.config, seed, request.heal)
         else:
-            job = DiffusionJob(self.model, list(request.prompt), request.config, seed, request.suffix)
+            job = DiffusionJob(self.model, list(request.prompt), request.config, seed, request.suffix, request.heal)
         handle = Handle(request, job)
         with self._cond:
             if not self._accepting:

@@ -19,12 +19,14 @@ from unmask.decoding.generate import (
     commit,
     end_ids,
     finish,
+    heal_slots,
     model_device,
     plan_rows,
     row_generators,
     select,
     stop_tensor,
 )
+from unmask.decoding.healing import UNDECIDED, Healing
 from unmask.decoding.policies import make_policy
 from unmask.decoding.sampling import predict
 from unmask.errors import UnmaskError
@@ -35,7 +37,13 @@ class DiffusionJob:
     """Masked-diffusion decoding of one sequence (completion, or infill when a suffix is given)."""
 
     def __init__(
-        self, model: nn.Module, prompt: list[int], config: GenerationConfig, seed: int | None, suffix: list[int] | None
+        self,
+        model: nn.Module,
+        prompt: list[int],
+        config: GenerationConfig,
+        seed: int | None,
+        suffix: list[int] | None,
+        heal: Healing | None = None,
     ) -> None:
         config.validate()
         mc = model.config
@@ -57,6 +65,7 @@ class DiffusionJob:
         self.end_list = end_ids(mc, config)
         self.ends = stop_tensor(self.end_list, config, self.tokens.device)
         self._cands: Tensor | None = None
+        self.heal = heal  # token healing: the first generated tokens must spell heal.removed
 
     @property
     def region(self) -> Tensor:
@@ -85,8 +94,10 @@ class DiffusionJob:
         assert cands is not None, "window() must come before advance()"
         lo = self.start + int(cands[0])
         plan = self.row.plan(cands.numel())
+        heals, regions = (None, None) if self.heal is None else ([self.heal], self.region[None])
         (pos, tokens), = select(
-            self.policy, logits, self.start - lo, [cands], [plan], [self.row.generator], self.config, self.mask_id
+            self.policy, logits, self.start - lo, [cands], [plan], [self.row.generator], self.config, self.mask_id,
+            heals, regions,
         )
         written = commit(self.row, self.region, pos, tokens, self.ends, self.mask_id)
         return written.nonzero().flatten().tolist()
@@ -106,7 +117,9 @@ class DiffusionJob:
 class ARJob:
     """Autoregressive decoding of one sequence with its own per-token KV cache."""
 
-    def __init__(self, model: nn.Module, prompt: list[int], config: GenerationConfig, seed: int | None) -> None:
+    def __init__(
+        self, model: nn.Module, prompt: list[int], config: GenerationConfig, seed: int | None, heal: Healing | None = None
+    ) -> None:
         config.validate()
         mc = model.config
         if not mc.shifted:
@@ -125,6 +138,7 @@ class ARJob:
         self.out: list[int] = []
         self.end_list = end_ids(mc, config)
         self.done = False
+        self.heal = heal  # token healing: the first generated tokens must spell heal.removed
 
     @property
     def steps(self) -> int:
@@ -136,6 +150,10 @@ class ARJob:
         positions = torch.arange(self.position - width, self.position, device=self.feed.device)[None]
         valid = torch.ones_like(self.feed, dtype=torch.bool)
         logits = self.model(self.feed, positions, valid, cache=self.cache, logits_index=slice(width - 1, width))[:, 0]
+        slots = None
+        if self.heal is not None:
+            region = torch.tensor([self.out + [UNDECIDED] * (self.n - len(self.out))])
+            slots = heal_slots([self.heal], region, [torch.tensor([len(self.out)])], UNDECIDED)
         pred = predict(
             logits,
             [1],
@@ -144,6 +162,7 @@ class ARJob:
             top_k=self.config.top_k,
             top_p=self.config.top_p,
             mask_id=self.model.config.mask_token_id,
+            healing=slots,
         )
         token = int(pred.tokens[0])
         self.out.append(token)
