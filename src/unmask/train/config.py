@@ -50,7 +50,11 @@ class DataConfig:
 class TrainSection:
     """The optimisation: objective, schedule, cadence of evaluation/checkpoints, where outputs go."""
 
-    objective: Literal["diffusion", "sft", "block", "ar"] = "diffusion"  # training loss (see unmask.diffusion.objectives)
+    objective: Literal["diffusion", "sft", "block", "ar", "adapt"] = "diffusion"  # training loss (see unmask.diffusion.objectives; adapt: unmask.diffusion.adapt)
+    init_from: str | None = None  # start from this AR model's weights (a name, model directory or .gguf file); its tokenizer must be the data's
+    distill: float = 0.0  # adapt: weight of the KL divergence to init_from's own next-token distributions (0 = cross-entropy only)
+    trainable: str = "all"  # which weights train: "all", "no_embed" (embedding/head frozen) or "top:N" (the last N blocks and the final norm)
+    anneal_steps: int = 0  # adapt with full attention: steps over which attention opens from causal to bidirectional (0 = at once)
     steps: int = 1000  # optimizer steps to run (a later run with more steps resumes and continues)
     decay_steps: int | None = None  # length of warmup + cosine decay; None = steps (set it to split one schedule over runs)
     batch_size: int = 16  # windows per micro-batch
@@ -102,7 +106,10 @@ class TrainConfig:
         """The settings a checkpoint must share with this config for resuming to be exact."""
         t = self.train
         keys = ("objective", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")
-        return {"model": dict(self.model), "seq_len": self.data.seq_len, **{k: getattr(t, k) for k in keys}}
+        # Adaptation settings count only when set, so runs from before they existed still resume.
+        defaults = TrainSection()
+        adapt = {k: getattr(t, k) for k in ("init_from", "distill", "trainable", "anneal_steps") if getattr(t, k) != getattr(defaults, k)}
+        return {"model": dict(self.model), "seq_len": self.data.seq_len, **{k: getattr(t, k) for k in keys}, **adapt}
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
@@ -217,6 +224,14 @@ def _validate(cfg: TrainConfig) -> None:
     need(t.lr > 0 and 0 <= t.min_lr <= t.lr, "[train] need lr > 0 and 0 <= min_lr <= lr")
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "[train] betas must be two numbers in [0, 1)")
     need(t.grad_clip >= 0 and t.weight_decay >= 0, "[train] grad_clip and weight_decay must be >= 0")
+    need(0.0 <= t.distill <= 1.0, f"[train] distill must be in [0, 1], got {t.distill}")
+    need(t.anneal_steps >= 0, "[train] anneal_steps must be >= 0")
+    need(t.trainable in ("all", "no_embed") or (t.trainable.startswith("top:") and t.trainable[4:].isdigit()
+                                                and int(t.trainable[4:]) > 0),
+         f"[train] trainable must be 'all', 'no_embed' or 'top:N', got {t.trainable!r}")
+    need(t.objective == "adapt" or (t.distill == 0 and t.anneal_steps == 0),
+         "[train] distill and anneal_steps belong to objective 'adapt'")
+    need(t.objective != "adapt" or t.init_from is not None, "[train] objective 'adapt' needs init_from (an AR model)")
     for pattern in d.paths:
         if not any(c in pattern for c in "*?[") and not Path(pattern).exists():
             raise UnmaskError(f"{cfg.source}: [data] path {pattern} does not exist")

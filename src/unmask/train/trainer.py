@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from unmask.diffusion.adapt import adapt_loss
 from unmask.diffusion.objectives import ar_loss, block_diffusion_loss, compute_loss, diffusion_loss
 from unmask.diffusion.schedule import DEFAULT_EPS
 from unmask.errors import UnmaskError
@@ -98,14 +99,28 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext | None = None) -> tuple[Toke
     return shard_data(root, d.max_tokens), tokenizer
 
 
-def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData) -> ModelConfig:
-    """[model] completed from the objective and the tokenizer, and checked against both and the data."""
+def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData, init: ModelConfig | None = None) -> ModelConfig:
+    """[model] completed from the objective and the tokenizer (and the ``init_from`` model's
+    shape, which [model] may not change), and checked against them and the data."""
     fields = dict(cfg.model)
     objective = cfg.train.objective
+    if init is not None:
+        shape = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "qkv_bias", "qk_norm",
+                 "tie_embeddings", "rope_theta", "norm_eps")
+        for key in shape:
+            if key in fields and fields[key] != getattr(init, key):
+                raise UnmaskError(f"[model] {key} = {fields[key]!r}, but init_from has {getattr(init, key)!r}")
+            fields[key] = getattr(init, key)
+        fields.setdefault("max_seq_len", init.max_seq_len)
+        if objective == "adapt":
+            fields.setdefault("attention", "block")
     implied = {
         "ar": {"attention": "causal", "shifted": True},
         "block": {"attention": "block", "shifted": False},
+        "adapt": {"attention": fields.get("attention", "block"), "shifted": True},
     }.get(objective, {"attention": "bidirectional", "shifted": False})
+    if objective == "adapt" and implied["attention"] not in ("block", "bidirectional"):
+        raise UnmaskError(f"objective 'adapt' trains attention 'block' or 'bidirectional', not {implied['attention']!r}")
     for key, value in implied.items():
         if key in fields and fields[key] != value:
             raise UnmaskError(f"[model] {key} = {fields[key]!r} does not fit objective {objective!r} (needs {value!r})")
@@ -132,10 +147,25 @@ def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData) -> Mod
 
 
 
+def freeze(model: Transformer, trainable: str) -> int:
+    """Turn off gradients outside ``trainable`` ("all", "no_embed", "top:N"); returns the trainable count."""
+    if trainable != "all":
+        top = int(trainable[4:]) if trainable.startswith("top:") else None
+        first = None if top is None else max(model.config.n_layers - top, 0)
+        for name, p in model.named_parameters():
+            if name.startswith(("embed.", "head.")):
+                p.requires_grad_(False)
+            elif first is not None and name.startswith("layers."):
+                p.requires_grad_(int(name.split(".")[1]) >= first)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW that decays matrices only (not norms, biases or embeddings)."""
+    """AdamW over the trainable weights that decays matrices only (not norms, biases or embeddings)."""
     decay, no_decay = [], []
     for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
     t = cfg.train
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -189,6 +219,8 @@ def evaluate(
         with autocast():
             if objective == "ar":
                 out = ar_loss(model, x0)
+            elif objective == "adapt":
+                out = adapt_loss(model, x0, generator=gen)
             elif objective == "block":
                 cells = (rows[:, None] * n_blocks + torch.arange(n_blocks)[None, :]).flatten()
                 t = _grid(cells, n * n_blocks, device).view(-1, n_blocks)
@@ -202,6 +234,18 @@ def evaluate(
     nll, tokens = all_reduce_sum([nll, float(tokens)], ctx)
     per_token = nll / max(tokens, 1)
     return {"val_nll": per_token, "val_ppl": math.exp(min(per_token, 700.0))}
+
+
+def _init_model(cfg: TrainConfig, tokenizer: Any) -> Transformer | None:
+    """The ``init_from`` model (float32, CPU), its tokenizer checked against the data's."""
+    if cfg.train.init_from is None:
+        return None
+    from unmask.loading import load
+
+    loaded = load(cfg.train.init_from, device="cpu", dtype=torch.float32)
+    if tokenizer is not None and loaded.tokenizer.backend.to_str() != tokenizer.backend.to_str():
+        raise UnmaskError(f"[train] init_from {cfg.train.init_from}: its tokenizer is not the one the training data was made with")
+    return loaded.model
 
 
 def hardware(device: torch.device, ctx: DistContext | None = None, parallel: str = "ddp") -> dict[str, Any]:
@@ -257,7 +301,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = prepare_data(cfg, ctx)
-    model_config = build_model_config(cfg, tokenizer, data)
+    init = _init_model(cfg, tokenizer)
+    model_config = build_model_config(cfg, tokenizer, data, None if init is None else init.config)
     train_windows = TokenWindows(data.train, cfg.data.seq_len, "train")
     val_windows = None
     if data.val.size:
@@ -265,6 +310,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
 
     torch.manual_seed(t.seed)
     base = Transformer(model_config).to(device).train()
+    teacher = None
+    if init is not None:
+        base.load_state_dict(init.state_dict())
+        if t.distill > 0:
+            teacher = init.to(device).eval().requires_grad_(False)
+    n_trainable = freeze(base, t.trainable)
     n_params = base.num_params()
     model = wrap_model(base, t.parallel, ctx)
     sharded = ctx.enabled and t.parallel == "fsdp"
@@ -313,7 +364,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
                 generator = step_torch_generator(t.seed, step, micro, stream=1)
                 with gradient_sync(model, sync=i == len(my_micro_batches) - 1):
                     with autocast():
-                        out = compute_loss(t.objective, model, x0, generator=generator)
+                        if t.objective == "adapt":
+                            anneal = 1.0 if t.anneal_steps == 0 else min(1.0, step / t.anneal_steps)
+                            out = adapt_loss(model, x0, teacher=teacher, distill=t.distill, anneal=anneal,
+                                             generator=generator)
+                        else:
+                            out = compute_loss(t.objective, model, x0, generator=generator)
                     (out.loss / len(my_micro_batches)).backward()
                 loss_sum += float(out.loss.detach())
             grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
@@ -357,6 +413,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
         "model_tflops": round(6 * n_params * rate / 1e12, 4),
         "objective": t.objective,
         "parameters": n_params,
+        "trainable_parameters": n_trainable,
         "final_validation": {"metric": "elbo_ppl_bound" if t.objective != "ar" else "ppl", "value": state["last_val"]},
         "best_validation": state["best_val"],
         "data": {k: v for k, v in data.info.items() if k != "source"},
