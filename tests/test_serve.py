@@ -328,7 +328,7 @@ def test_chat_errors(client):
 
 
 def test_auth_model_route_and_size_errors(server, client):
-    url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
+    url, auth = server.url, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     wrong = openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model="tiny", prompt="x", max_tokens=2)

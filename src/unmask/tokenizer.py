@@ -17,25 +17,30 @@ Design:
 - Published checkpoints bring their own `tokenizer.json`; `Tokenizer.from_dir` reads it with an
   HF-style `tokenizer_config.json`, and explicit keyword arguments (strings or ids) override or
   supply the special tokens (e.g. LLaDA: `mask=126336, eos=126081, stop=[126348]`).
-- Chat templates run in Jinja's `ImmutableSandboxedEnvironment`; any template error, including an
-  attempt to reach Python internals, becomes an `UnmaskError`.
+- Chat templates run in Jinja's `ImmutableSandboxedEnvironment` with bounds on `*`, `**` and the
+  output (`unmask.chat_template`); any template error, including an attempt to reach Python
+  internals, becomes an `UnmaskError`. The server renders in a worker process it can kill
+  (`encode_chat(..., render=...)`).
+- Files of a model directory are read with `read_file` / `read_json_object`: regular files only
+  (never a FIFO or a device, which could block for ever), capped in size, one-line errors.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import tokenizers
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from unmask import chat_template as templates
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object, read_text
 
 EOS, MASK, PAD = "<|endoftext|>", "<|mask|>", "<|pad|>"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
@@ -65,6 +70,9 @@ CHATML_TEMPLATE = (
 )
 
 TokenRef = Union[str, int]  # a special token given by its text or by its id
+# (template source, messages, add_generation_prompt, template variables) -> rendered text
+Renderer = Callable[[str, list, bool, dict], str]
+MAX_TEMPLATE_BYTES = 1 << 20  # largest chat_template.jinja read from a model directory
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -152,13 +160,7 @@ class Tokenizer:
         self._added_text = {i: tok.content for i, tok in added.items()}
         self._bytes_cache: dict[int, bytes] = {}
         self.chat_template = chat_template if chat_template is not None else CHATML_TEMPLATE
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        env.filters["tojson"] = _tojson
-        try:
-            self._template = env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise UnmaskError(f"chat template does not parse: {e}") from None
+        self._template = templates.compile_template(self.chat_template)
 
     def _resolve(self, ref: TokenRef | None, name: str) -> int | None:
         if ref is None:
@@ -315,12 +317,17 @@ class Tokenizer:
             out[-1] += tail
         return out
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) with the sandboxed chat template."""
-        _check_messages(messages)
-        return self._render(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            render: Renderer | None = None) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the sandboxed chat template.
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        `render` replaces the in-process rendering (the server passes one that runs in a worker
+        process with a deadline)."""
+        _check_messages(messages)
+        return self._render(messages, add_generation_prompt, render)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    render: Renderer | None = None) -> list[int]:
         """Ids of the rendered chat: the template's markup may be special tokens, message contents never.
 
         Each content is rendered as a marker; the template text between markers is encoded with
@@ -329,34 +336,20 @@ class Tokenizer:
         """
         _check_messages(messages)
         marked = [{**m, "content": f"{_MARK_OPEN}{k}{_MARK_CLOSE}"} for k, m in enumerate(messages)]
-        parts = _MARK_RE.split(self._render(marked, add_generation_prompt))
+        parts = _MARK_RE.split(self._render(marked, add_generation_prompt, render))
         ids: list[int] = []
         for k, part in enumerate(parts):  # template text and message indices alternate
+            if k % 2 and int(part) >= len(messages):
+                raise UnmaskError("chat template produced a message marker of its own")
             ids += self.encode(messages[int(part)]["content"]) if k % 2 else self.encode(part, allow_special=True)
         return ids
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, render: Renderer | None = None) -> str:
         names = {name: (None if i is None else self.backend.id_to_token(i)) for name, i in self._ids.items()}
-        try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                eos_token=names["eos"], bos_token=names["bos"] or "", pad_token=names["pad"],
-                mask_token=names["mask"],
-            )
-        except UnmaskError:
-            raise
-        except Exception as e:  # SecurityError, UndefinedError, TypeError ... from template code
-            raise UnmaskError(f"chat template failed: {type(e).__name__}: {e}") from None
-
-
-def _tojson(value: Any, indent: int | None = None) -> str:
-    """JSON without HTML escaping (what chat templates expect from `tojson`)."""
-    return json.dumps(value, ensure_ascii=False, indent=indent)
-
-
-def _raise_exception(message: str) -> None:
-    """Exposed to templates (HF convention) to reject a conversation."""
-    raise UnmaskError(f"chat template rejected the messages: {message}")
+        variables = templates.render_kwargs(names)
+        if render is not None:
+            return render(self.chat_template, messages, add_generation_prompt, variables)
+        return templates.render(self._template, messages, add_generation_prompt, variables)
 
 
 def _check_messages(messages: Any) -> None:
@@ -375,26 +368,18 @@ def _check_messages(messages: Any) -> None:
 
 
 def _read_backend(tok_file: Path) -> tokenizers.Tokenizer:
-    if not tok_file.is_file():
+    if not os.path.lexists(tok_file):
         raise UnmaskError(f"missing {tok_file}")
+    return backend_from_text(read_text(tok_file), tok_file)
+
+
+def backend_from_text(text: str, tok_file: Path) -> tokenizers.Tokenizer:
+    """A `tokenizers.Tokenizer` from the text of a `tokenizer.json`; a bad file is a one-line error."""
     try:
-        return tokenizers.Tokenizer.from_file(str(tok_file))
+        return tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises plain Exceptions for any parse problem
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UnmaskError(f"cannot read {tok_file}: {reason}") from None
-
-
-def read_json_object(file: Path) -> dict[str, Any]:
-    """The JSON object in ``file``; ``{}`` when there is no such file; a one-line error otherwise."""
-    if not file.exists():
-        return {}
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnmaskError(f"cannot read {file}: {e}") from None
-    if not isinstance(config, dict):
-        raise UnmaskError(f"{file} must hold a JSON object")
-    return config
 
 
 def _token_text(value: Any, file: Path, key: str) -> str | None:
@@ -409,8 +394,8 @@ def _token_text(value: Any, file: Path, key: str) -> str | None:
 def _chat_template(config: dict[str, Any], root: Path) -> str | None:
     """The chat template: `chat_template.jinja`, else the config's string or its "default" entry."""
     jinja_file = root / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    if os.path.lexists(jinja_file):
+        return read_text(jinja_file, MAX_TEMPLATE_BYTES)
     template = config.get("chat_template")
     if template is None or isinstance(template, str):
         return template

@@ -11,7 +11,6 @@ in docs/serving.md.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -22,12 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from unmask.serve.errors import APIError, bad_request, from_validation, install_error_handlers
+from unmask.serve.body import parse_body
+from unmask.serve.errors import APIError, install_error_handlers
 from unmask.serve.gate import Gate
 from unmask.serve.metrics import ServerMetrics
 from unmask.serve.plan import Plan, plan_chat, plan_completion, plan_fim
+from unmask.serve.render import TemplateRenderer
 from unmask.serve.respond import Responder, submit
 from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest, ModelCard, ModelList
 from unmask.serve.settings import ServedModel, ServeSettings
@@ -46,12 +47,18 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings | None
     metrics = ServerMetrics(models)
     started = int(time.time())
 
+    renderer = TemplateRenderer(settings.template_timeout_s, settings.template_max_chars)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for served in models.values():
             served.engine.start()
-        yield
-        await asyncio.gather(*(s.engine.shutdown(settings.shutdown_timeout) for s in models.values()))
+            await asyncio.to_thread(lambda: served.max_text_bytes)  # the vocabulary scan, once
+        try:
+            yield
+        finally:
+            renderer.close()
+            await asyncio.gather(*(s.engine.shutdown(settings.shutdown_timeout) for s in models.values()))
 
     app = FastAPI(title="unmask", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -66,9 +73,11 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings | None
         return served
 
     async def generate(request: Request, schema: type[Body], planner, endpoint: str) -> Response:
-        body = await _parse(request, schema)
+        # Parsing, tokenising and template rendering are CPU work: off the event loop, so that
+        # /health and running streams are not held up by a large or hostile request.
+        body = await asyncio.to_thread(parse_body, await request.body(), schema)
         served = pick(body.model)  # type: ignore[attr-defined]
-        plan: Plan = planner(body, served, settings)
+        plan: Plan = await asyncio.to_thread(planner, body, served, settings, renderer)
         runs = submit(served, plan, settings)
         responder = Responder(request, served, plan, runs, metrics, endpoint)
         return responder.stream() if plan.stream else await responder.json()
@@ -111,24 +120,6 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings | None
 
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       allowed_hosts=settings.allowed_hosts)
     return app
-
-
-async def _parse(request: Request, schema: type[Body]) -> Body:
-    """The JSON body validated against ``schema``; any problem is a 400 naming it."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"malformed JSON body: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"the body must be a JSON object, got {type(data).__name__}")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation(list(exc.errors())) from None
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")

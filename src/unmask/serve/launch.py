@@ -7,9 +7,10 @@ aborted (their streams end with an error event) and the process exits.
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -76,8 +77,21 @@ def load_served(options: LaunchOptions, settings: ServeSettings) -> dict[str, Se
     return served
 
 
+def host_names(host: str, settings: ServeSettings) -> tuple[str, ...]:
+    """The Host header names the server answers: loopback names, the bound address, the allowed ones.
+
+    Bound to every interface (0.0.0.0, ::), it also answers this machine's own host name."""
+    names = list(settings.allowed_hosts)
+    if host in ("0.0.0.0", "::", ""):
+        names += [socket.gethostname(), socket.getfqdn()]
+    else:
+        names.append(host)
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
 def run_server(options: LaunchOptions, settings: ServeSettings) -> None:
     """Serve until SIGTERM or Ctrl-C."""
+    settings = replace(settings, allowed_hosts=host_names(options.host, settings))
     served = load_served(options, settings)
     app = create_app(served, settings)
     names = ", ".join(f"{n} ({s.attention}, context {s.max_len})" for n, s in served.items())

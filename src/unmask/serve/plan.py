@@ -3,6 +3,10 @@
 Checks everything that needs the model or the tokenizer (context length, token ids, chat
 messages, diffusion knobs) and raises a 400 ``APIError`` naming the field at fault. One HTTP
 request becomes ``prompts x n`` engine requests; choice i of a prompt uses seed + i.
+
+Planning is CPU work and runs in a worker thread (see ``app``). A text longer in UTF-8 bytes
+than ``ServedModel.max_text_bytes`` cannot fit the context and is refused before the tokenizer
+sees it; chat templates render in a bounded worker process (``render.TemplateRenderer``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from unmask.decoding.generate import end_ids
 from unmask.engine import EngineRequest
 from unmask.errors import UnmaskError
 from unmask.serve.errors import APIError, bad_request
+from unmask.serve.render import TemplateRenderer
 from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest, GenerationFields
 from unmask.serve.settings import (
     DEFAULT_BLOCK,
@@ -49,19 +54,22 @@ class Plan:
     prompt_tokens: int  # usage: every distinct prompt counted once
 
 
-def plan_completion(body: CompletionRequest, served: ServedModel, settings: ServeSettings) -> Plan:
+def plan_completion(body: CompletionRequest, served: ServedModel, settings: ServeSettings,
+                    renderer: TemplateRenderer | None = None) -> Plan:
     if body.echo:
         raise bad_request("echo is not supported", param="echo")
     if body.logprobs:
         raise bad_request("logprobs are not supported", param="logprobs")
-    prompts = _prompt_ids(body.prompt, served)
+    _check_stops(body, settings)
+    prompts = _prompt_ids(body.prompt, served, settings.max_choices)
     suffix = None
     if body.suffix:
-        suffix = served.loaded.tokenizer.encode(body.suffix)
+        suffix = _encode(served, body.suffix, "suffix")
     return _plan(body, served, settings, "completion", prompts, suffix, chat=False)
 
 
-def plan_chat(body: ChatCompletionRequest, served: ServedModel, settings: ServeSettings) -> Plan:
+def plan_chat(body: ChatCompletionRequest, served: ServedModel, settings: ServeSettings,
+              renderer: TemplateRenderer | None = None) -> Plan:
     if body.logprobs:
         raise bad_request("logprobs are not supported", param="logprobs")
     if not body.messages:
@@ -78,14 +86,18 @@ def plan_chat(body: ChatCompletionRequest, served: ServedModel, settings: ServeS
                 texts.append(part.text)
             content = "".join(texts)
         messages.append({"role": m.role, "content": content or ""})
+    _check_stops(body, settings)
+    _check_size(served, sum(len(m["content"].encode("utf-8")) for m in messages), "messages")
     try:
-        ids = served.loaded.tokenizer.encode_chat(messages)
+        render = renderer.render if renderer is not None else None
+        ids = served.loaded.tokenizer.encode_chat(messages, render=render)
     except UnmaskError as exc:
         raise bad_request(str(exc), param="messages") from None
     return _plan(body, served, settings, "chat", [ids], None, chat=True)
 
 
-def plan_fim(body: FimRequest, served: ServedModel, settings: ServeSettings) -> Plan:
+def plan_fim(body: FimRequest, served: ServedModel, settings: ServeSettings,
+             renderer: TemplateRenderer | None = None) -> Plan:
     if served.attention != "bidirectional":
         raise bad_request(
             f"fill-in-the-middle needs a bidirectional diffusion model; {served.name} is {served.attention}",
@@ -93,13 +105,40 @@ def plan_fim(body: FimRequest, served: ServedModel, settings: ServeSettings) -> 
         )
     if not body.prompt and not body.suffix:
         raise bad_request("prompt and suffix are both empty", param="prompt")
-    tok = served.loaded.tokenizer
-    return _plan(body, served, settings, "completion", [tok.encode(body.prompt)], tok.encode(body.suffix), chat=False)
+    _check_stops(body, settings)
+    _check_size(served, len(body.prompt.encode("utf-8")) + len(body.suffix.encode("utf-8")), "prompt")
+    prompt, suffix = _encode(served, body.prompt, "prompt"), _encode(served, body.suffix, "suffix")
+    return _plan(body, served, settings, "completion", [prompt], suffix, chat=False)
 
 
-def _prompt_ids(prompt: str | list, served: ServedModel) -> list[list[int]]:
-    """Token ids of each prompt (text or ids), refusing empty ones and ids outside the vocabulary."""
-    tok = served.loaded.tokenizer
+def _check_size(served: ServedModel, size: int, param: str) -> None:
+    """Refuse a text that cannot fit the context before it is tokenised in full."""
+    if size > served.max_text_bytes:
+        raise bad_request(
+            f"{param} is {size} bytes long: more than the context of {served.max_len} tokens can hold "
+            f"(at most {served.max_text_bytes} bytes with this tokenizer)", param=param, code="context_length_exceeded")
+
+
+def _encode(served: ServedModel, text: str, param: str) -> list[int]:
+    _check_size(served, len(text.encode("utf-8")), param)
+    return served.loaded.tokenizer.encode(text)
+
+
+def _check_stops(body: GenerationFields, settings: ServeSettings) -> None:
+    stops = body.stop_strings
+    if len(stops) > settings.max_stop:
+        raise bad_request(f"at most {settings.max_stop} stop strings are allowed, got {len(stops)}", param="stop")
+    if any(not s for s in stops):
+        raise bad_request("stop strings must not be empty", param="stop")
+    if any(len(s) > settings.max_stop_chars for s in stops):
+        raise bad_request(f"stop strings must be at most {settings.max_stop_chars} characters", param="stop")
+
+
+def _prompt_ids(prompt: str | list, served: ServedModel, max_choices: int) -> list[list[int]]:
+    """Token ids of each prompt (text or ids), refusing empty ones and ids outside the vocabulary.
+
+    Sizes are checked before any text is tokenised: too many prompts for ``max_choices``, or a
+    prompt too long for the context, is refused untokenised."""
     if isinstance(prompt, str):
         items: list = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -108,12 +147,17 @@ def _prompt_ids(prompt: str | list, served: ServedModel) -> list[list[int]]:
         items = list(prompt)
     if not items:
         raise bad_request("prompt must not be empty", param="prompt")
+    if len(items) > max_choices:
+        raise bad_request(f"{len(items)} prompts ask for more than the {max_choices} choices allowed", param="n")
     vocab = served.loaded.model.config.vocab_size
     out = []
     for k, item in enumerate(items):
         if isinstance(item, str):
-            ids = tok.encode(item)
+            ids = _encode(served, item, "prompt")
         else:
+            if len(item) > served.max_len:
+                raise bad_request(f"prompt {k} has {len(item)} tokens; the context holds {served.max_len}",
+                                  param="prompt", code="context_length_exceeded")
             bad = [t for t in item if not 0 <= t < vocab]
             if bad:
                 raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
@@ -138,10 +182,6 @@ def _plan(
         what = f"n = {body.n}" if len(prompts) == 1 else f"{len(prompts)} prompts x n = {body.n}"
         raise bad_request(f"{what} asks for {total} choices; at most {settings.max_choices} are allowed", param="n")
     stops = body.stop_strings
-    if len(stops) > settings.max_stop:
-        raise bad_request(f"at most {settings.max_stop} stop strings are allowed, got {len(stops)}", param="stop")
-    if any(not s for s in stops):
-        raise bad_request("stop strings must not be empty", param="stop")
     if body.diffusing and not body.stream:
         raise bad_request("diffusing applies to streaming responses; set stream to true", param="diffusing")
     if suffix and served.attention != "bidirectional":

@@ -80,8 +80,9 @@ class ChoiceRun:
                 self.tracker.advance(event.canvas, event.mask_id)
                 self.steps = event.step
                 view = None
-                if self.diffusing:
-                    view = self.last_view = canvas_view(tok, event.canvas, event.mask_id, event.step, event.committed)
+                if self.diffusing:  # detokenising a whole canvas: off the event loop
+                    view = self.last_view = await asyncio.to_thread(
+                        canvas_view, tok, event.canvas, event.mask_id, event.step, event.committed)
                 if self.tracker.stopped:
                     self.handle.cancel()
                     continue  # the final update carries what is left

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from unmask.engine import Engine
 from unmask.loading import LoadedModel
@@ -11,6 +12,8 @@ DEFAULT_MAX_TOKENS = 128  # answer length when a request names none (cut to the 
 DEFAULT_BLOCK = 32  # semi-autoregressive block when a request names none (block-causal models: their own)
 DEFAULT_POLICY = "threshold"  # commit every prediction at least this sure, at least one per step
 DEFAULT_THRESHOLD = 0.9  # the threshold policy's tau when a request names none
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # Host header names a loopback server always answers
+NORMALIZER_SLACK = 3  # text a normalizer (NFC) may shrink by this factor before it is tokenised
 
 
 @dataclass
@@ -24,6 +27,11 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on shutdown
     retry_after_s: int = 1  # Retry-After header of a 429
+    max_stop_chars: int = 512  # longest stop string
+    template_timeout_s: float = 2.0  # wall-clock bound on rendering one chat template (in a worker process)
+    template_max_chars: int = 1 << 20  # longest text a chat template may render
+    # Host header names served (DNS-rebinding guard); "*" = any. The launcher adds the bound address.
+    allowed_hosts: tuple[str, ...] = field(default_factory=lambda: LOOPBACK_HOSTS)
 
 
 @dataclass
@@ -34,6 +42,15 @@ class ServedModel:
     loaded: LoadedModel  # weights + tokenizer + directory
     engine: Engine  # batches this model's requests
     max_len: int  # context the server allows: prompt + suffix + answer tokens
+
+    @cached_property
+    def max_text_bytes(self) -> int:
+        """UTF-8 bytes beyond which a text cannot fit the context, whatever its tokens: no token
+        covers more than the longest token's bytes, so longer texts are refused untokenised."""
+        tok = self.loaded.tokenizer
+        longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=1)
+        slack = NORMALIZER_SLACK if tok.backend.normalizer is not None else 1
+        return self.max_len * max(longest, 1) * slack
 
     @property
     def attention(self) -> str:
