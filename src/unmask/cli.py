@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", help="model directory (default: the embedded model)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_commands(sub)
+    export = sub.add_parser("export", help="write a model as a GGUF file that llama.cpp runs")
+    export.add_argument("model_name", nargs="?", metavar="MODEL", help="model directory, GGUF file or name (default: the embedded model)")
+    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
+    export.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="weight type (norms stay f32)")
     _add_serve_command(sub)
     _add_data_command(sub)
     _add_bench_command(sub)
@@ -627,7 +631,14 @@ def _nullcontext():
     return nullcontext()
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from unmask.models.gguf.write import export_model
+
+    print("\n".join(export_model(args.model_name, args.gguf, args.dtype)))
+
+
 COMMANDS = {
+    "export": cmd_export,
     "generate": cmd_generate,
     "infill": cmd_infill,
     "train": cmd_train,

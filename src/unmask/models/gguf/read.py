@@ -216,7 +216,7 @@ def gguf_tokenizer(file: GGUFFile, config: ModelConfig) -> Tokenizer:
         raise UnmaskError(f"{file.path}: no tokenizer.ggml.tokens")
     backend = bpe_backend(
         tokens, file.get("tokenizer.ggml.merges", [], list), file.get("tokenizer.ggml.token_type", [], list),
-        file.get("tokenizer.ggml.pre", "gpt-2", str),
+        file.get("unmask.pre_tokenizer", None, str) or file.get("tokenizer.ggml.pre", "gpt-2", str),
     )
 
     def special(key: str) -> int | None:

@@ -81,3 +81,23 @@ def bpe_backend(
     backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                         for i, t in enumerate(token_types) if t == USER_DEFINED])
     return backend
+
+
+def pre_tokenizer_name(backend: tokenizers.Tokenizer) -> str | None:
+    """The ``PRE_TOKENIZERS`` name whose splits ``backend`` applies (the inverse of ``pre_tokenizer``), or None."""
+    import json
+
+    spec = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    parts = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    splits = []
+    for part in parts:
+        if part.get("type") == "Split" and part.get("behavior") == "Isolated" and not part.get("invert"):
+            splits.append(part.get("pattern", {}).get("Regex"))
+        elif part.get("type") == "ByteLevel":
+            if part.get("use_regex", True):
+                splits.append(GPT2_SPLIT)
+        else:
+            return None
+    if not parts or parts[-1].get("type") != "ByteLevel":
+        return None
+    return next((name for name, regexes in PRE_TOKENIZERS.items() if regexes == tuple(splits)), None)
