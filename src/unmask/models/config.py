@@ -4,18 +4,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object
 
 AttentionMode = Literal["bidirectional", "causal", "block"]
 ATTENTION_MODES = ("bidirectional", "causal", "block")
 
 
+# Sane upper bounds on the shapes a config.json may ask for, checked before anything is built or
+# allocated (the largest published models are far inside them); the weights' headers are then
+# checked against the config before a byte of weights is read.
+LIMITS = {
+    "vocab_size": 1 << 24, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+    "head_dim": 1 << 12, "d_ff": 1 << 20, "max_seq_len": 1 << 24, "block_size": 1 << 24,
+}
+_FLAGS = ("qkv_bias", "qk_norm", "tie_embeddings", "shifted")
+_TOKEN_IDS = ("mask_token_id", "eos_token_id", "pad_token_id")
+
+
 def _positive(value: Any) -> bool:
-    return isinstance(value, int) and value > 0
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -46,6 +67,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (e.g. source checkpoint)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
@@ -56,13 +78,38 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         self.validate()
 
+    def _check_types(self) -> None:
+        """Every field's JSON type (bools are bools, numbers are numbers), before anything computes with them."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise UnmaskError(f"invalid model config: {msg}")
+
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in ("n_kv_heads", "head_dim", "d_ff"):
+                continue
+            need(_positive(value), f"{name} must be a positive integer, got {value!r}")
+            need(value <= limit, f"{name} {value} is beyond the largest supported ({limit})")
+        need(isinstance(self.attention, str) and self.attention in ATTENTION_MODES,
+             f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        for name in _FLAGS:
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        need(_finite(self.rope_theta) and self.rope_theta > 0, f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        need(_finite(self.norm_eps) and 0 < self.norm_eps < 1, f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+        need(_finite(self.init_std) and self.init_std >= 0, f"init_std must be a number >= 0, got {self.init_std!r}")
+        for name in (*_TOKEN_IDS, "usable_vocab"):
+            value = getattr(self, name)
+            need(value is None or _integer(value), f"{name} must be an integer or null, got {value!r}")
+        need(isinstance(self.extra, dict), f"extra must be an object, got {type(self.extra).__name__}")
+
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise UnmaskError(f"invalid model config: {msg}")
 
-        need(self.attention in ATTENTION_MODES, f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "block_size"):
+        self._check_types()
+        for name in LIMITS:
             value = getattr(self, name)
             need(_positive(value), f"{name} must be a positive integer, got {value!r}")
         need(self.head_dim % 2 == 0, f"head dimension {self.head_dim} must be even for rotary embeddings")
@@ -71,7 +118,8 @@ class ModelConfig:
             f"usable_vocab must be in [1, vocab_size], got {self.usable_vocab!r}",
         )
         need(self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        need(self.n_kv_heads <= self.n_heads, f"n_kv_heads {self.n_kv_heads} exceeds n_heads {self.n_heads}")
+        for name in _TOKEN_IDS:
             value = getattr(self, name)
             need(value is None or 0 <= value < self.vocab_size, f"{name} {value} is outside the vocabulary")
 
@@ -89,6 +137,8 @@ class ModelConfig:
             return cls(**data)
         except TypeError as exc:
             raise UnmaskError(f"{source}: {exc}") from None
+        except UnmaskError as exc:
+            raise UnmaskError(f"{source}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -96,12 +146,4 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UnmaskError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UnmaskError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise UnmaskError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path, missing_ok=False), source=str(path))

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
-from unmask.models.hf.weights import INDEX_NAME, weight_files
+from unmask.files import check_regular
+from unmask.models.hf.weights import INDEX_NAME, check, read_headers, weight_files
 from unmask.models.transformer import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -121,8 +122,9 @@ def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one file, memory-mapped; a damaged file is a one-line error."""
-    if not path.is_file():
+    if not path.exists():
         raise UnmaskError(f"{path}: weights file not found")
+    check_regular(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
@@ -156,10 +158,16 @@ def load_model(
     directory = Path(directory)
     if not directory.is_dir():
         raise UnmaskError(f"{directory}: model directory not found")
-    config = ModelConfig.load(directory / CONFIG_NAME)
-    state, source = read_weights(directory)
+    config = ModelConfig.load(directory / CONFIG_NAME)  # types and sane bounds checked
     with torch.device("meta"):
         model = Transformer(config)
+    # Every tensor's name, shape and dtype from the file headers against the config, before a
+    # weight is read or the model allocated: a config that lies about a size fails here, on one line.
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("head.weight", None)
+    check(read_headers(weight_files(directory)), expected, set(), directory)
+    state, source = read_weights(directory)
     model = model.to_empty(device=device)
     if dtype is None:
         dtype = next(iter(state.values())).dtype if state else torch.float32

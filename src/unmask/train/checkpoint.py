@@ -2,11 +2,15 @@
 
 Layout of ``out_dir/checkpoints/``::
 
-    step-00000100/  config.json  model.safetensors  optimizer.safetensors  trainer_state.json
+    step-00000100/  config.json  model.safetensors  optimizer.safetensors  trainer_state.json  complete.json
     latest          (one line: the name of the newest complete checkpoint)
 
 A checkpoint is written into a temporary directory and renamed into place, and ``latest`` is
 replaced atomically afterwards, so a crash at any moment leaves the previous checkpoint usable.
+``complete.json`` is written last and lists every file with its size: a checkpoint is complete
+only when each listed file is there at that size, so a directory a kill left half-written or
+half-deleted is never resumed from. Old checkpoints are pruned by renaming them out of the
+``step-*`` names first, then deleting them.
 
 Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`` with
 ``full_state_dict=True``: a plain, DDP or FSDP2-sharded model all give the same full tensors,
@@ -42,6 +46,8 @@ LATEST = "latest"
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_FORMAT = "fqn-v1"
+MARKER_NAME = "complete.json"
+_PRUNING = ".prune-"
 
 
 def step_name(step: int) -> str:
@@ -172,13 +178,47 @@ def write_checkpoint(
     tensors, meta = flatten_optimizer_state(optim_state)
     atomic_save_file(tensors, tmp / OPTIMIZER_NAME, metadata={"optimizer": json.dumps(meta)})
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    _write_text_atomic(tmp / MARKER_NAME, json.dumps({"files": files}, indent=2) + "\n")  # last: completes it
     if final.exists():
-        shutil.rmtree(final)
+        _prune(final)
     os.replace(tmp, final)
     _write_text_atomic(root / LATEST, final.name + "\n")
     for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _prune(old)
+    for stale in root.glob(f"{_PRUNING}*"):  # left by a kill during an earlier prune
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _prune(path: Path) -> None:
+    """Take a checkpoint out of the ``step-*`` names at once (atomic), then delete it."""
+    doomed = path.with_name(f"{_PRUNING}{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    """Every file ``complete.json`` lists is there, at its size (checkpoints written before the
+    marker existed: config, weights, optimizer and trainer state all present and non-empty)."""
+    marker = path / MARKER_NAME
+    try:
+        if marker.is_file():
+            files = json.loads(marker.read_text()).get("files")
+            return isinstance(files, dict) and bool(files) and all(
+                isinstance(size, int) and (path / name).is_file() and (path / name).stat().st_size == size
+                for name, size in files.items())
+        weights = path / "model.safetensors"
+        index = path / "model.safetensors.index.json"
+        needed = [path / CONFIG_NAME, path / OPTIMIZER_NAME, path / STATE_NAME]
+        if index.is_file():
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            needed += [index, *(path / str(s) for s in shards)]
+        else:
+            needed.append(weights)
+        return all(p.is_file() and p.stat().st_size > 0 for p in needed)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def save_checkpoint(
@@ -198,7 +238,7 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_NAME).is_file())
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and is_complete(p))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -207,7 +247,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    if not (path / STATE_NAME).is_file():
+    if not is_complete(path):
+        complete = list_checkpoints(out_dir)
+        if complete:  # a kill between writing a checkpoint and pointing at it, or a damaged one
+            return complete[-1]
         raise UnmaskError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
     return path
 

@@ -7,10 +7,12 @@ directory ever runs. Every problem is an ``UnmaskError`` naming the file and the
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object
 
 CONFIG_NAME = "config.json"
 _MISSING = object()
@@ -25,15 +27,7 @@ class HFConfig:
 
     @classmethod
     def read(cls, path: Path) -> "HFConfig":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UnmaskError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UnmaskError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise UnmaskError(f"{path}: expected a JSON object")
-        return cls(data, path)
+        return cls(read_json_object(path, missing_ok=False), path)
 
     @property
     def model_type(self) -> str:
@@ -63,7 +57,7 @@ class HFConfig:
         value = self.data.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise self.fail(f"{key!r} must be a positive number, got {value!r}")
         return float(value)
 

@@ -7,13 +7,13 @@ the target dtype, and filled tensor by tensor. Nothing from the directory is imp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json
 from unmask.models.config import ModelConfig
 from unmask.models.hf.config import CONFIG_NAME, HFConfig
 from unmask.models.hf.family import Family, detect
@@ -30,8 +30,8 @@ FAMILIES: tuple[Family, ...] = (LLADA, DREAM, FAST_DLLM, SDAR)
 def is_hf_checkpoint(directory: Path) -> bool:
     """True when ``config.json`` names a published architecture rather than unmask's own format."""
     try:
-        data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json((directory / CONFIG_NAME))
+    except UnmaskError:
         return False  # the native loader reports the problem
     if not isinstance(data, dict) or data.get("model_type") == "unmask":
         return False

@@ -23,7 +23,8 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.hf.family import Family
-from unmask.tokenizer import Tokenizer, read_json_object
+from unmask.files import check_regular, read_json_object, read_text
+from unmask.tokenizer import Tokenizer, backend_from_text
 
 # Qwen2's pre-tokenizer split (contractions, letters, single digits, punctuation, newlines, spaces).
 QWEN2_SPLIT = (
@@ -35,6 +36,8 @@ QWEN2_SPLIT = (
 def qwen2_backend(directory: Path, tokenizer_config: dict[str, Any]) -> tokenizers.Tokenizer:
     """Qwen2's byte-level BPE from ``vocab.json`` + ``merges.txt`` and the config's added tokens."""
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    check_regular(vocab)
+    check_regular(merges)
     try:
         backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     except Exception as exc:  # the Rust side raises plain Exceptions for any parse problem
@@ -72,15 +75,12 @@ def qwen2_backend(directory: Path, tokenizer_config: dict[str, Any]) -> tokenize
 
 def _backend(directory: Path, family: Family, tokenizer_config: dict[str, Any]) -> tokenizers.Tokenizer:
     tok_file = directory / "tokenizer.json"
-    if not tok_file.is_file() and family.vocab_merges and (directory / "vocab.json").is_file():
+    if not tok_file.exists() and family.vocab_merges and (directory / "vocab.json").exists():
         return qwen2_backend(directory, tokenizer_config)
-    if not tok_file.is_file():
+    if not tok_file.exists():
         hint = " (or vocab.json + merges.txt)" if family.vocab_merges else ""
         raise UnmaskError(f"{tok_file}: file not found{hint}")
-    try:
-        return tokenizers.Tokenizer.from_file(str(tok_file))
-    except Exception as exc:  # the Rust side raises plain Exceptions for any parse problem
-        raise UnmaskError(f"{tok_file}: cannot read it ({str(exc).splitlines()[0]})") from None
+    return backend_from_text(read_text(tok_file), tok_file)
 
 
 def _token_string(value: Any) -> str | None:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from unmask.errors import UnmaskError
+from unmask.files import check_regular, read_json
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -40,10 +40,10 @@ class TensorInfo:
 def weight_files(directory: Path) -> dict[str, Path] | list[Path]:
     """The index's ``{tensor: file}`` map for a sharded checkpoint, else ``[model.safetensors]``."""
     index = directory / INDEX_NAME
-    if index.is_file():
+    if index.exists():
         return _read_index(index)
     single = directory / SINGLE_NAME
-    if single.is_file():
+    if single.exists():
         return [single]
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if pickles:
@@ -59,10 +59,7 @@ def weight_files(directory: Path) -> dict[str, Path] | list[Path]:
 
 
 def _read_index(index: Path) -> dict[str, Path]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnmaskError(f"{index}: not valid JSON ({exc})") from None
+    data = read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UnmaskError(f"{index}: no 'weight_map' object")
@@ -71,7 +68,7 @@ def _read_index(index: Path) -> dict[str, Path]:
         if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
             raise UnmaskError(f"{index}: tensor {name} points to {file!r}, not a .safetensors file beside the index")
         path = index.parent / file
-        if not path.is_file():
+        if not path.exists():
             raise UnmaskError(f"{path}: shard listed in {INDEX_NAME} is missing")
         files[name] = path
     return files
@@ -135,6 +132,7 @@ def copy_into(target: torch.Tensor, name: str, info: TensorInfo) -> None:
 
 @contextmanager
 def _open(path: Path) -> Iterator:
+    check_regular(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             yield f
