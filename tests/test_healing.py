@@ -204,3 +204,29 @@ def test_smollm2_heals_on_every_ar_path(smollm):
         assert [x.result().tokens for x in handles] == batch
     finally:
         engine.shutdown_sync()
+
+
+def test_cli_and_eval_heal_by_default(shipped):
+    import subprocess
+    import sys
+
+    from unmask.eval.generation import complete
+
+    tok, model = shipped.tokenizer, shipped.model
+    prompt = "def area(w, h):\n"
+    cfg = GenerationConfig(max_new_tokens=8, block_size=32, seed=0)
+    healed = heal(tok, tok.encode(prompt))
+    on = completion_text(tok, decode(model, [healed.ids], cfg, heal=[healed.heal]).sequences[0], healed.heal)
+    off = tok.decode(decode(model, [tok.encode(prompt)], cfg).sequences[0])
+    assert on != off
+
+    def cli(*flags: str) -> str:
+        args = [sys.executable, "-m", "unmask", "generate", prompt, "--max-new-tokens", "8", "--quiet", *flags]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert cli() == (on if on.endswith("\n") else on + "\n")
+    assert cli("--no-token-healing") == (off if off.endswith("\n") else off + "\n")
+    assert complete(shipped, [prompt], cfg).texts == [on]
+    assert complete(shipped, [prompt], cfg, token_healing=False).texts == [off]

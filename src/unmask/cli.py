@@ -80,6 +80,14 @@ def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None
     p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
 
 
+def _add_healing_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token-healing", action=argparse.BooleanOptionalAction, default=True,
+        help="back the prompt up to a token boundary the tokenizer keeps and make the output start with the "
+        "removed text (default: on)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unmask", description="Diffusion language models: train, decode, inspect.")
     parser.add_argument("--version", action="version", version=f"unmask {__version__}")
@@ -88,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete a prompt by parallel unmasking")
     gen.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     _add_decoding_flags(gen, default_tokens=64)
+    _add_healing_flag(gen)
 
     inf = sub.add_parser("infill", help="write the middle between a prefix and a suffix")
     inf.add_argument("--prefix", required=True)
     inf.add_argument("--suffix", required=True)
     _add_decoding_flags(inf, default_tokens=16)
+    _add_healing_flag(inf)
 
     train = sub.add_parser("train", help="train a model from a TOML config")
     train.add_argument("config", help="training config (TOML)")
@@ -189,6 +199,10 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--workers", type=positive_int, default=2, help="programs run at once in the sandbox")
             p.add_argument("--timeout", type=_bounded(float, 0.0, 600.0, low_open=True), default=5.0, help="seconds per program")
             p.add_argument("--memory-mb", type=_bounded(int, 64), default=1024, help="address-space limit per program")
+        _add_healing_flag(p)
+        if name == "humaneval":
+            p.add_argument("--raw-prompts", action="store_true",
+                           help="give the prompts as shipped, trailing newline included (default: without it)")
         if name == "infill":
             p.add_argument("--tokens-per-step", type=positive_int,
                            help="give each hole ceil(length / K) steps (instead of --steps, which is the same for every hole)")
@@ -248,14 +262,19 @@ def _generation_config(args: argparse.Namespace, model_config):
 
 
 def _run_decoding(args: argparse.Namespace, prompt_text: str, run: Callable, visible_prefix: str) -> None:
-    """Load the model, run ``run(loaded, config, on_step)``, print the completion and the statistics."""
+    """Load the model, heal ``prompt_text`` (``--token-healing``), run ``run(loaded, config, on_step, healed)``,
+    print the completion (what follows the prompt as typed) and the statistics."""
     from rich.console import Console
 
+    from unmask.decoding import completion_text, heal
     from unmask.loading import load
     from unmask.view import LiveCanvas
 
     loaded = load(args.model, device=args.device)
     config = _generation_config(args, loaded.model.config)
+    healed = heal(loaded.tokenizer, loaded.tokenizer.encode(prompt_text), args.token_healing)
+    if healed.heal is not None:  # the canvas spells the removed text again
+        visible_prefix = loaded.tokenizer.decode(healed.ids)
     err = Console(stderr=True)
     mask_id = loaded.model.config.mask_token_id
     view_seconds = 0.0
@@ -270,10 +289,10 @@ def _run_decoding(args: argparse.Namespace, prompt_text: str, run: Callable, vis
                 time.sleep(args.frame_delay)
                 view_seconds += time.perf_counter() - began
 
-            result = run(loaded, config, on_step)
+            result = run(loaded, config, on_step, healed)
     else:
-        result = run(loaded, config, None)
-    completion = loaded.tokenizer.decode(result.sequences[0])
+        result = run(loaded, config, None, healed)
+    completion = completion_text(loaded.tokenizer, result.sequences[0], healed.heal)
     sys.stdout.write(completion if completion.endswith("\n") else completion + "\n")
     sys.stdout.flush()
     if not args.quiet:
@@ -298,9 +317,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not prompt:
         raise UnmaskError("the prompt is empty")
 
-    def run(loaded, config, on_step):
-        ids = loaded.tokenizer.encode(prompt)
-        return decode(loaded.model, [ids], config, on_step=on_step)
+    def run(loaded, config, on_step, healed):
+        return decode(loaded.model, [healed.ids], config, on_step=on_step, heal=[healed.heal])
 
     _run_decoding(args, prompt, run, visible_prefix=prompt)
 
@@ -308,11 +326,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_infill(args: argparse.Namespace) -> None:
     from unmask.decoding import infill
 
-    def run(loaded, config, on_step):
+    def run(loaded, config, on_step, healed):
         if loaded.model.config.attention == "causal":
             raise UnmaskError("infill needs a diffusion model; this one is autoregressive")
-        tok = loaded.tokenizer
-        return infill(loaded.model, [tok.encode(args.prefix)], [tok.encode(args.suffix)], config, on_step=on_step)
+        suffix = loaded.tokenizer.encode(args.suffix)
+        return infill(loaded.model, [healed.ids], [suffix], config, on_step=on_step, heal=[healed.heal])
 
     _run_decoding(args, args.prefix, run, visible_prefix=args.prefix)
 
@@ -587,13 +605,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     else:
         config = _generation_config(args, loaded.model.config)
-        common = {"limit": args.limit, "batch_size": args.batch_size}
+        common = {"limit": args.limit, "batch_size": args.batch_size, "token_healing": args.token_healing}
         if args.eval_command == "syntax":
             report = syntax.evaluate(loaded, config, data=args.data, seed=args.seed, **common)
         else:
             limits = Limits(timeout=args.timeout, memory_mb=args.memory_mb)
             module = humaneval if args.eval_command == "humaneval" else infill
             extra = {"seed": args.seed, "tokens_per_step": args.tokens_per_step} if module is infill else {}
+            if module is humaneval:
+                extra = {"raw_prompts": args.raw_prompts}
             report = module.evaluate(loaded, config, workers=args.workers, limits=limits, **common, **extra)
     show(report)
     if args.json:

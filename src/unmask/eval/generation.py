@@ -1,7 +1,9 @@
 """Batched completions and infills for the evaluations, with the figures a run is judged by.
 
 Every item gets its own seed (``config.seed`` + its index), and decoding is batch invariant, so
-an item's output does not depend on the batch it ran in. Items are sorted by length before
+an item's output does not depend on the batch it ran in. With token healing (the default) each
+prompt is backed up to a token boundary its tokenizer keeps and the output must spell the removed
+text first; the texts returned continue the prompts as given (``unmask.decoding.healing``). Items are sorted by length before
 batching to waste less padding. Prompts longer than the model's context are cut from the left
 (infill suffixes from the right) and counted.
 """
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from unmask.decoding import GenerationConfig, decode, infill
+from unmask.decoding import GenerationConfig, Healing, completion_text, decode, heal, infill
 from unmask.errors import UnmaskError
 from unmask.loading import LoadedModel
 
@@ -71,13 +73,13 @@ def _batches(order: list[int], size: int) -> list[list[int]]:
 
 def _run(
     loaded: LoadedModel,
-    jobs: Sequence[tuple[list[int], list[int] | None, int]],
+    jobs: Sequence[tuple[list[int], list[int] | None, int, Healing | None]],
     config: GenerationConfig,
     batch_size: int,
     progress: Progress | None,
     tokens_per_step: int | None = None,
 ) -> Outputs:
-    """Decode ``(prompt_ids, suffix_ids or None, canvas_length)`` jobs; same canvas length per batch.
+    """Decode ``(prompt_ids, suffix_ids or None, canvas_length, healing)`` jobs; same canvas length per batch.
 
     ``tokens_per_step``: each canvas of length n gets ``ceil(n / tokens_per_step)`` steps
     (instead of ``config.steps``), so canvases of different lengths decode at the same pace.
@@ -87,7 +89,7 @@ def _run(
     reasons: list[str] = [""] * len(jobs)
     out = Outputs(texts, reasons)
     groups: dict[tuple[int, bool], list[int]] = {}
-    for i, (_, suffix, n) in enumerate(jobs):
+    for i, (_, suffix, n, _) in enumerate(jobs):
         groups.setdefault((n, suffix is None), []).append(i)
     started = time.perf_counter()
     for (n, plain), members in sorted(groups.items()):
@@ -97,12 +99,15 @@ def _run(
             cfg = dataclasses.replace(cfg, steps=math.ceil(n / tokens_per_step))
         for batch in _batches(members, batch_size):
             seeds = [(config.seed or 0) + i for i in batch]
+            heals = [jobs[i][3] for i in batch]
+            heals_or_none = heals if any(h is not None for h in heals) else None
             if plain:
-                result = decode(model, [jobs[i][0] for i in batch], cfg, seeds=seeds)
+                result = decode(model, [jobs[i][0] for i in batch], cfg, seeds=seeds, heal=heals_or_none)
             else:
-                result = infill(model, [jobs[i][0] for i in batch], [jobs[i][1] for i in batch], cfg, seeds=seeds)
-            for i, seq, why in zip(batch, result.sequences, result.finish_reasons):
-                texts[i] = tok.decode(seq)
+                suffixes = [jobs[i][1] for i in batch]
+                result = infill(model, [jobs[i][0] for i in batch], suffixes, cfg, seeds=seeds, heal=heals_or_none)
+            for i, seq, why, h in zip(batch, result.sequences, result.finish_reasons, heals):
+                texts[i] = completion_text(tok, seq, h)
                 reasons[i] = why
                 out.tokens += len(seq)
             out.nfe += result.nfe
@@ -119,6 +124,7 @@ def complete(
     config: GenerationConfig,
     batch_size: int = 8,
     progress: Progress | None = None,
+    token_healing: bool = True,
 ) -> Outputs:
     """Continue each prompt by ``config.max_new_tokens`` tokens (AR for causal models, diffusion otherwise)."""
     tok, mc = loaded.tokenizer, loaded.model.config
@@ -129,7 +135,8 @@ def complete(
         cut += was_cut
         if not ids:
             raise UnmaskError("an evaluation prompt encodes to no tokens")
-        jobs.append((ids, None, config.max_new_tokens))
+        healed = heal(tok, ids, token_healing)
+        jobs.append((healed.ids, None, config.max_new_tokens, healed.heal))
     out = _run(loaded, jobs, config, batch_size, progress)
     out.truncated = cut
     out.mode = "ar" if mc.attention == "causal" else "diffusion"
@@ -145,8 +152,9 @@ def fill(
     batch_size: int = 8,
     progress: Progress | None = None,
     tokens_per_step: int | None = None,
+    token_healing: bool = True,
 ) -> Outputs:
-    """Write a middle of ``lengths[i]`` tokens between each prefix and suffix.
+    """Write a middle of ``lengths[i]`` tokens between each prefix and suffix (the prefix healed).
 
     Bidirectional models fill in the middle (they see the suffix). Causal and block-causal models
     cannot, so they continue the prefix alone with the same token budget ("prefix-only").
@@ -158,10 +166,10 @@ def fill(
         room = mc.max_seq_len - n
         if both:
             left, right, was_cut = fit_sides(tok.encode(prefix), tok.encode(suffix), room)
-            jobs.append((left, right, n))
         else:
-            left, was_cut = fit_prompt(tok.encode(prefix), room)
-            jobs.append((left, None, n))
+            (left, was_cut), right = fit_prompt(tok.encode(prefix), room), None
+        healed = heal(tok, left, token_healing)
+        jobs.append((healed.ids, right, n, healed.heal))
         cut += was_cut
     out = _run(loaded, jobs, config, batch_size, progress, tokens_per_step)
     out.truncated = cut

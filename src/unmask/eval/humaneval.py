@@ -10,6 +10,9 @@ The prompt given to the model has its trailing newline removed: the project's to
 a newline with the next line's indentation, so a prompt ending in a bare newline would ask the
 model to continue from a token it rarely saw before an indented line. The program is built
 from the same trimmed prompt, so the model writes the newline and indentation itself.
+``raw_prompts=True`` gives the prompts as shipped (as users type them); token healing (on by
+default) is what makes those work: the trailing newline is removed and the model's first token
+must start with it.
 """
 
 from __future__ import annotations
@@ -62,9 +65,9 @@ def load_problems(limit: int | None = None) -> list[Problem]:
     return problems[:limit] if limit is not None else problems
 
 
-def model_prompt(problem: Problem) -> str:
-    """The prompt without its trailing whitespace (see the module docstring)."""
-    return problem.prompt.rstrip()
+def model_prompt(problem: Problem, raw: bool = False) -> str:
+    """The prompt without its trailing whitespace (see the module docstring), or as shipped when ``raw``."""
+    return problem.prompt if raw else problem.prompt.rstrip()
 
 
 def cut_at_stop(completion: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
@@ -87,12 +90,14 @@ def evaluate(
     batch_size: int = 8,
     workers: int = 2,
     limits: Limits | None = None,
+    token_healing: bool = True,
+    raw_prompts: bool = False,
 ) -> Report:
     """pass@1 of ``loaded`` on the first ``limit`` problems (all 164 by default)."""
     problems = load_problems(limit)
-    prompts = [model_prompt(p) for p in problems]
+    prompts = [model_prompt(p, raw_prompts) for p in problems]
     with progress_bar("generating", len(problems)) as advance:
-        outputs = complete(loaded, prompts, config, batch_size, advance)
+        outputs = complete(loaded, prompts, config, batch_size, advance, token_healing)
     bodies = [cut_at_stop(text) for text in outputs.texts]
     sources = [program(p, body, prompt) for p, body, prompt in zip(problems, bodies, prompts)]
     limits = limits or Limits()
@@ -107,6 +112,10 @@ def evaluate(
         stats["tokens_per_forward"], stats["tokens_per_second"],
     ]]
     notes = [f"pass@1 over {n} of 164 problems, one completion per problem (seeded; greedy unless --temperature)."]
+    notes.append(
+        f"prompts {'as shipped' if raw_prompts else 'without their trailing newline'}; "
+        f"token healing {'on' if token_healing else 'off'}."
+    )
     if outputs.truncated:
         notes.append(f"{outputs.truncated} prompts were longer than the context allows and lost their beginning.")
     notes.append(f"sandbox: network {isolation().describe()['network']}; not a security boundary (see unmask.eval.sandbox).")
@@ -114,6 +123,8 @@ def evaluate(
         "metric": "pass@1",
         "model": model_facts(loaded),
         "generation": dataclasses.asdict(config),
+        "token_healing": token_healing,
+        "raw_prompts": raw_prompts,
         "problems": n,
         "passed": passed,
         "pass_at_1": passed / n if n else 0.0,

@@ -106,6 +106,7 @@ def evaluate(
     workers: int = 2,
     limits: Limits | None = None,
     tokens_per_step: int | None = None,
+    token_healing: bool = True,
 ) -> Report:
     """Pass rates for single-line and multi-line infilling on the first ``limit`` problems.
 
@@ -119,7 +120,8 @@ def evaluate(
     lengths = [canvas_length(tok, t.middle) for t in tasks]
     with progress_bar("infilling", len(tasks)) as advance:
         outputs = fill(
-            loaded, [t.prefix for t in tasks], [t.suffix for t in tasks], lengths, config, batch_size, advance, tokens_per_step
+            loaded, [t.prefix for t in tasks], [t.suffix for t in tasks], lengths, config, batch_size, advance,
+            tokens_per_step, token_healing,
         )
     middles = outputs.texts
     if outputs.mode == "prefix-only":
@@ -149,6 +151,7 @@ def evaluate(
         "metric": "infill pass rate",
         "model": model_facts(loaded),
         "generation": dataclasses.asdict(config),
+        "token_healing": token_healing,
         "canvas_scale": CANVAS_SCALE,
         "seed": seed,
         "problems": len(problems),

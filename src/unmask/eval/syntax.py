@@ -101,6 +101,7 @@ def evaluate(
     limit: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    token_healing: bool = True,
 ) -> Report:
     """Share of parsing completions over the held-out headers."""
     held = heldout_documents(loaded.training, data)
@@ -108,7 +109,7 @@ def evaluate(
     if not headers:
         raise UnmaskError(f"no function headers found in {held.source}")
     with progress_bar("completing", len(headers)) as advance:
-        outputs = complete(loaded, [h.text for h in headers], config, batch_size, advance)
+        outputs = complete(loaded, [h.text for h in headers], config, batch_size, advance, token_healing)
     cuts = [
         cut_at_function_end(h.text, text, why == "length")
         for h, text, why in zip(headers, outputs.texts, outputs.finish_reasons)
@@ -125,6 +126,7 @@ def evaluate(
         "metric": "syntax-valid completions",
         "model": model_facts(loaded),
         "generation": dataclasses.asdict(config),
+        "token_healing": token_healing,
         "headers_source": held.source,
         "headers": n,
         "valid": valid,
