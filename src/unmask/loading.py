@@ -12,6 +12,7 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.hub import resolve_model
+from unmask.models.delta import is_delta_dir, load_delta
 from unmask.models.gguf import load_gguf
 from unmask.models.hf import is_hf_checkpoint, load_hf
 from unmask.models.io import load_model
@@ -75,6 +76,8 @@ def load(
         model, tokenizer = load_gguf(directory, device=device_, dtype=dtype or torch.bfloat16)
     elif not directory.is_dir():
         raise UnmaskError(f"{directory}: model directory not found")
+    elif is_delta_dir(directory):  # an adapted model stored as its changes over a base
+        model, tokenizer = load_delta(directory, device=device_, dtype=dtype), Tokenizer.from_dir(directory)
     elif is_hf_checkpoint(directory):
         model, tokenizer = load_hf(directory, device=device_, dtype=dtype)
     else:

@@ -1,0 +1,90 @@
+"""A model stored as the tensors it changed over a base model it was adapted from.
+
+An adapted model whose training left most of its base untouched (frozen layers, embeddings)
+ships as a directory holding ``config.json`` (the whole model's config), ``base.json`` (which
+base, and the SHA-256 of its file so a different one is never used silently), the changed
+tensors in ``delta.safetensors``, and the tokenizer files. Loading reads the base (e.g. a GGUF
+file that an installed package ships), replaces the changed tensors and checks that every
+tensor of the config is accounted for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unmask.errors import UnmaskError
+from unmask.models.config import ModelConfig
+from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, load_state, read_safetensors
+from unmask.models.transformer import Transformer
+
+BASE_NAME = "base.json"
+DELTA_NAME = "delta.safetensors"
+
+
+def is_delta_dir(directory: Path) -> bool:
+    return (directory / BASE_NAME).is_file()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def changed_tensors(model: Transformer, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` that differ from ``base`` (tied head left out)."""
+    state = cast_state(model.state_dict(), model.config)
+    return {k: v for k, v in state.items() if k not in base or not torch.equal(v, base[k].to(v.dtype))}
+
+
+def save_delta(
+    model: Transformer, base_name: str, base_path: Path, base_state: dict[str, torch.Tensor], directory: Path,
+    dtype: torch.dtype | None = torch.bfloat16,
+) -> dict[str, Any]:
+    """Write ``model`` as a delta over the base; returns the ``base.json`` record."""
+    directory.mkdir(parents=True, exist_ok=True)
+    delta = changed_tensors(model, base_state)
+    if dtype is not None:
+        delta = {k: v.to(dtype) if v.is_floating_point() else v for k, v in delta.items()}
+    model.config.save(directory / CONFIG_NAME)
+    atomic_save_file(delta, directory / DELTA_NAME)
+    record = {"base": base_name, "file": base_path.name, "sha256": file_sha256(base_path),
+              "changed": sorted(delta), "unchanged": len(base_state) - len(delta)}
+    (directory / BASE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def load_delta(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """The base named in ``base.json`` with the delta's tensors in place of its own."""
+    from unmask.hub import resolve_model
+    from unmask.loading import load
+
+    try:
+        record = json.loads((directory / BASE_NAME).read_text())
+        name, sha = record["base"], record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UnmaskError(f"{directory / BASE_NAME}: unreadable ({type(exc).__name__}: {exc})") from None
+    path = resolve_model(name)
+    if path.is_file() and file_sha256(path) != sha:
+        raise UnmaskError(f"{directory}: its base {name} ({path}) is not the file it was trained from (SHA-256 differs)")
+    config = ModelConfig.load(directory / CONFIG_NAME)
+    base = load(name, device="cpu", dtype=torch.float32).model
+    state = {k: v for k, v in base.state_dict().items() if not (config.tie_embeddings and k == "head.weight")}
+    for key, tensor in read_safetensors(directory / DELTA_NAME).items():
+        if key not in state:
+            raise UnmaskError(f"{directory / DELTA_NAME}: tensor {key} is not in the base model")
+        state[key] = tensor.float()
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device).to(dtype or torch.float32)
+    load_state(model, state, str(directory / DELTA_NAME))
+    if config.tie_embeddings:
+        model.head.weight = model.embed.weight
+    return model.eval()
