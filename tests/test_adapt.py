@@ -122,3 +122,11 @@ def test_train_adapts_an_ar_model(tmp_path, tiny_tokenizer):
     out = decode(loaded.model, [ids], GenerationConfig(max_new_tokens=8, block_size=4, cache="prefix"))
     ref = decode(loaded.model, [ids], GenerationConfig(max_new_tokens=8, block_size=4))
     assert out.sequences == ref.sequences  # the exact block cache
+
+
+def test_distillation_loss_is_finite_although_mask_is_impossible_for_both():
+    """[MASK] has probability 0 under student and teacher alike: its KL term is 0, not 0 * inf."""
+    model = model_of("bidirectional")
+    x0, _ = batch(4)
+    out = adapt_loss(model, x0, teacher=model, distill=1.0, anneal=0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out.loss)

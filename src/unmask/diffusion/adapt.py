@@ -143,8 +143,9 @@ def adapt_loss(
         at = torch.arange(length, device=x0.device).expand(2, b, length)[target] - 1
         reference = reference[rows, at]
         reference[:, mask_id] = float("-inf")
-        p = F.softmax(reference.float(), dim=-1)
-        kl = (p * (torch.log(p.clamp(min=1e-30)) - log_probs)).sum(-1)
+        log_p = F.log_softmax(reference.float(), dim=-1)
+        # 0 * log 0 = 0, also at [MASK], where both distributions are -inf
+        kl = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_probs), torch.zeros_like(log_p)).sum(-1)
         loss = (1 - distill) * loss + distill * kl.mean()
     # Each view is one estimate of the sequence's bound: report their mean.
     return LossOutput(loss, per_seq.sum() / 2, b * length)
