@@ -35,8 +35,10 @@ from unmask.tokenizer import Tokenizer
 NORMAL, UNUSED = 1, 5
 # ``--dtype`` -> (gguf tensor type name, general.file_type). 1-D tensors (norms, biases) stay F32.
 DTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
-# Pre-tokenizers llama.cpp does not implement -> the closest one it does (by token count on code).
-LLAMA_CPP_PRE = {"unmask": "gpt-2"}
+# Pre-tokenizers llama.cpp does not implement -> the closest one it does. ``smollm`` is GPT-2's split
+# with digits one by one; llama.cpp's ``gpt-2`` type would also drop the space before . , ! ? when
+# detokenising (``from . import x`` -> ``from. import x``), ``smollm`` keeps text as it is.
+LLAMA_CPP_PRE = {"unmask": "smollm"}
 
 
 @dataclass
