@@ -25,7 +25,7 @@ import openai
 import pytest
 import torch
 
-from unmask.decoding import GenerationConfig, generate, infill
+from unmask.decoding import GenerationConfig, completion_text, generate, heal, infill
 from unmask.loading import load
 from unmask.models.config import ModelConfig
 from unmask.models.io import save_model
@@ -138,13 +138,15 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def library_text(loaded, prompt_ids, config, seed, suffix=None) -> tuple[str, int]:
-    """What the library writes for the same request: (text, answer tokens)."""
+def library_text(loaded, prompt_ids, config, seed, suffix=None, token_healing=False) -> tuple[str, int]:
+    """What the library writes for the same request: (text, answer tokens). Text prompts are healed
+    by default in the server (``token_healing``); chat prompts are not."""
+    healed = heal(loaded.tokenizer, prompt_ids, token_healing)
     if suffix is None:
-        out = generate(loaded.model, [prompt_ids], config, seeds=[seed])
+        out = generate(loaded.model, [healed.ids], config, seeds=[seed], heal=[healed.heal])
     else:
-        out = infill(loaded.model, [prompt_ids], [suffix], config, seeds=[seed])
-    return loaded.tokenizer.decode(out.sequences[0]), len(out.sequences[0])
+        out = infill(loaded.model, [healed.ids], [suffix], config, seeds=[seed], heal=[healed.heal])
+    return completion_text(loaded.tokenizer, out.sequences[0], healed.heal), len(out.sequences[0])
 
 
 KNOBS = {"steps": 12, "block_size": 8, "policy": "confidence"}
@@ -168,13 +170,23 @@ def test_models_lists_both(client):
 def test_completion_matches_library(client, loaded):
     prompt = "def add(a, b):\n"
     out = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, seed=7, extra_body=KNOBS)
-    text, count = library_text(loaded, loaded.tokenizer.encode(prompt), knob_config(24), 7)
+    text, count = library_text(loaded, loaded.tokenizer.encode(prompt), knob_config(24), 7, token_healing=True)
     assert out.object == "text_completion" and out.id.startswith("cmpl-")
     assert out.choices[0].text == text
     assert out.usage.completion_tokens == count
-    assert out.usage.prompt_tokens == len(loaded.tokenizer.encode(prompt))
+    assert out.usage.prompt_tokens == len(heal(loaded.tokenizer, loaded.tokenizer.encode(prompt)).ids)
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.model_extra["unmask"]["steps"] <= 12
+
+
+def test_token_healing_is_a_request_field_on_by_default(client, loaded):
+    prompt = "def add(a, b):\n"
+    assert heal(loaded.tokenizer, loaded.tokenizer.encode(prompt)).heal is not None  # there is something to heal
+    for healing in (True, False):
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, seed=4,
+                                        extra_body={**KNOBS, "token_healing": healing})
+        text, _ = library_text(loaded, loaded.tokenizer.encode(prompt), knob_config(12), 4, token_healing=healing)
+        assert out.choices[0].text == text
 
 
 def test_diffusing_stream_matches_plain_response(client):
@@ -233,9 +245,11 @@ def test_fill_in_the_middle(server, loaded):
     r = httpx.post(server.url + "/v1/fim/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert r.status_code == 200, r.text
     tok = loaded.tokenizer
-    text, _ = library_text(loaded, tok.encode(body["prompt"]), knob_config(10), 2, suffix=tok.encode(body["suffix"]))
+    text, _ = library_text(loaded, tok.encode(body["prompt"]), knob_config(10), 2, suffix=tok.encode(body["suffix"]),
+                           token_healing=True)
     assert r.json()["choices"][0]["text"] == text
-    assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(body["prompt"])) + len(tok.encode(body["suffix"]))
+    healed = heal(tok, tok.encode(body["prompt"]))
+    assert r.json()["usage"]["prompt_tokens"] == len(healed.ids) + len(tok.encode(body["suffix"]))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     legacy = client.completions.create(model="tiny", prompt=body["prompt"], suffix=body["suffix"], max_tokens=10,
                                        seed=2, extra_body=KNOBS)  # OpenAI's insert mode: the same middle

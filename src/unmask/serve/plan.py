@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from unmask.decoding import POLICIES, GenerationConfig
 from unmask.decoding.generate import end_ids
+from unmask.decoding.healing import Healing, heal_batch
 from unmask.engine import EngineRequest
 from unmask.errors import UnmaskError
 from unmask.serve.errors import APIError, bad_request
@@ -65,7 +66,9 @@ def plan_completion(body: CompletionRequest, served: ServedModel, settings: Serv
     suffix = None
     if body.suffix:
         suffix = _encode(served, body.suffix, "suffix")
-    return _plan(body, served, settings, "completion", prompts, suffix, chat=False)
+    texts = isinstance(body.prompt, str) or all(isinstance(p, str) for p in body.prompt)  # ids are taken as given
+    prompts, heals = heal_batch(served.loaded.tokenizer, prompts, body.token_healing and texts)
+    return _plan(body, served, settings, "completion", prompts, suffix, chat=False, heals=heals)
 
 
 def plan_chat(body: ChatCompletionRequest, served: ServedModel, settings: ServeSettings,
@@ -108,7 +111,8 @@ def plan_fim(body: FimRequest, served: ServedModel, settings: ServeSettings,
     _check_stops(body, settings)
     _check_size(served, len(body.prompt.encode("utf-8")) + len(body.suffix.encode("utf-8")), "prompt")
     prompt, suffix = _encode(served, body.prompt, "prompt"), _encode(served, body.suffix, "suffix")
-    return _plan(body, served, settings, "completion", [prompt], suffix, chat=False)
+    prompts, heals = heal_batch(served.loaded.tokenizer, [prompt], body.token_healing)
+    return _plan(body, served, settings, "completion", prompts, suffix, chat=False, heals=heals)
 
 
 def _check_size(served: ServedModel, size: int, param: str) -> None:
@@ -176,6 +180,7 @@ def _plan(
     prompts: list[list[int]],
     suffix: list[int] | None,
     chat: bool,
+    heals: list[Healing | None] | None = None,
 ) -> Plan:
     total = len(prompts) * body.n
     if total > settings.max_choices:
@@ -216,7 +221,8 @@ def _plan(
     for p, ids in enumerate(prompts):
         for i in range(body.n):
             seed = (base_seed + i) % (2**63)
-            request = EngineRequest(prompt=ids, config=config, suffix=suffix, seed=seed)
+            heal = None if heals is None else heals[p]
+            request = EngineRequest(prompt=ids, config=config, suffix=suffix, seed=seed, heal=heal)
             choices.append(Choice(p * body.n + i, request, ends, len(ids) + extra))
     return Plan(
         kind=kind,

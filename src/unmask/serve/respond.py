@@ -82,7 +82,7 @@ class ChoiceRun:
                 view = None
                 if self.diffusing:  # detokenising a whole canvas: off the event loop
                     view = self.last_view = await asyncio.to_thread(
-                        canvas_view, tok, event.canvas, event.mask_id, event.step, event.committed)
+                        canvas_view, tok, event.canvas, event.mask_id, event.step, event.committed, self.tracker.cut)
                 if self.tracker.stopped:
                     self.handle.cancel()
                     continue  # the final update carries what is left
@@ -121,7 +121,9 @@ def submit(served: ServedModel, plan: Plan, settings: ServeSettings) -> list[Cho
     try:
         for choice in plan.choices:
             handle = served.engine.submit(choice.request)
-            runs.append(ChoiceRun(choice, handle, TextTracker(tok, choice.ends, plan.stops), plan.diffusing))
+            healed = choice.request.heal  # the answer re-spells the bytes healing cut from the prompt
+            tracker = TextTracker(tok, choice.ends, plan.stops, skip=len(healed.removed) if healed else 0)
+            runs.append(ChoiceRun(choice, handle, tracker, plan.diffusing))
     except QueueFull as exc:
         _cancel(runs)
         raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(settings.retry_after_s)}) from None

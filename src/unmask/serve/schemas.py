@@ -63,6 +63,7 @@ class GenerationFields(BaseModel):
 class CompletionRequest(GenerationFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]  # text, texts, token ids or lists of them
     suffix: str | None = None  # text after the completion: the answer is written in between
+    token_healing: bool = True  # text prompts: back up to a kept token boundary; the answer re-spells the cut
     echo: bool = False  # not supported (rejected when true)
     logprobs: int | None = None  # not supported (rejected when set)
 
@@ -89,6 +90,7 @@ class ChatCompletionRequest(GenerationFields):
 class FimRequest(GenerationFields):
     prompt: str  # the text before the middle
     suffix: str = ""  # the text after the middle
+    token_healing: bool = True  # back the prompt up to a kept token boundary; the middle re-spells the cut
 
 
 # ---------------------------------------------------------------------------- responses

@@ -20,8 +20,10 @@ from unmask.tokenizer import Tokenizer
 class TextTracker:
     """Settled tokens -> settled text -> deltas safe to send."""
 
-    def __init__(self, tokenizer: Tokenizer, ends: set[int], stops: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, ends: set[int], stops: Sequence[str], skip: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.cut = skip  # leading bytes of the answer that are not its text (token healing re-spells the prompt's tail)
+        self._skip = skip  # of those, the ones not consumed yet
         self.ends = ends  # token ids that end the answer (EOS, pad, end-of-turn)
         self.stops = [s for s in stops if s]
         self.ids: list[int] = []  # settled tokens consumed so far (no end token)
@@ -65,7 +67,9 @@ class TextTracker:
             return
         self.ids.append(token)
         if token not in self.tokenizer.special_ids:
-            self._append(self._decoder.decode(self.tokenizer.token_bytes(token)))
+            data = self.tokenizer.token_bytes(token)
+            data, self._skip = data[self._skip :], max(self._skip - len(data), 0)
+            self._append(self._decoder.decode(data))
 
     def _append(self, piece: str) -> None:
         if not piece:
@@ -91,11 +95,12 @@ class TextTracker:
 
 
 def canvas_view(tokenizer: Tokenizer, canvas: Sequence[int], undecided: int, step: int,
-                committed: Sequence[int]) -> Canvas:
+                committed: Sequence[int], skip: int = 0) -> Canvas:
     """Each generated position's text (None while masked), for animating the denoising.
 
     Pieces are computed per run of decided tokens, so a multi-byte character is never glued
-    across a masked gap; special tokens (EOS filling the tail) show as "".
+    across a masked gap; special tokens (EOS filling the tail) show as "". ``skip``: bytes cut from
+    the decided run at the start (the prompt tail that token healing makes the answer re-spell).
     """
     tokens: list[str | None] = [None] * len(canvas)
     run_start = None
@@ -106,5 +111,10 @@ def canvas_view(tokenizer: Tokenizer, canvas: Sequence[int], undecided: int, ste
         elif not decided and run_start is not None:
             tokens[run_start:i] = tokenizer.pieces(canvas[run_start:i])
             run_start = None
+    for i, piece in enumerate(tokens):
+        if skip <= 0 or piece is None:
+            break
+        data = piece.encode("utf-8")
+        tokens[i], skip = data[skip:].decode("utf-8", errors="replace"), max(skip - len(data), 0)
     masked = sum(1 for t in tokens if t is None)
     return Canvas(step=step, tokens=tokens, committed=list(committed), masked=masked)
