@@ -30,6 +30,13 @@ ALGORITHMS = [(4, "confidence"), (1, "entropy"), (2, "margin")]  # llama.cpp --d
 AR_PROMPTS = ["def is_prime(n):", "The capital of France is", "for i in range(10):", "SELECT name FROM"]
 
 
+@pytest.fixture(autouse=True)
+def built() -> None:
+    """Skip (or in CI fail) before any work when llama.cpp is not built."""
+    for name in ("llama-diffusion-cli", "llama-completion"):
+        llama_cpp.binary(name)
+
+
 @pytest.fixture(scope="module")
 def default():
     return load(None, device="cpu")
