@@ -332,12 +332,15 @@ def test_ar_loss_is_the_next_token_nll(prompted: bool) -> None:
     prompt_mask = torch.arange(6)[None] < torch.tensor(prompt_lens)[:, None]
     with torch.no_grad():
         out = compute_loss("ar", model, x0, prompt_mask=prompt_mask if prompted else None)
-        total, count = 0.0, 0
+        total, count, per_row = 0.0, 0, []
         for b in range(3):
+            row = []
             for j in range(max(1, prompt_lens[b]), 6):  # token j predicted from the prefix alone
                 logp = torch.log_softmax(model(x0[b : b + 1, :j])[0, -1].double(), -1)
-                total -= logp[x0[b, j]].item()
-                count += 1
+                row.append(-logp[x0[b, j]].item())
+            total, count = total + sum(row), count + len(row)
+            per_row.append(sum(row) / len(row))
     assert out.n_tokens == count
     assert out.nll_sum.item() == pytest.approx(total, rel=1e-5)
-    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+    # with a prompt (SFT) each sequence is normalised by its own answer length, then averaged
+    assert out.loss.item() == pytest.approx(sum(per_row) / 3 if prompted else total / count, rel=1e-5)

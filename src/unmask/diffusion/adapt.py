@@ -19,6 +19,10 @@ clean sequence is a dense target at every position; the loss mixes cross-entropy
 true token and the KL divergence to the base, ``(1 - distill) * CE + distill * KL``. The reported
 ``nll_sum`` is always the ELBO-weighted cross-entropy (1/t for a view masked at rate t), so
 validation figures stay an upper bound on the per-token NLL whatever the mix.
+
+**SFT** (``prompt_mask``, True on the prompt): prompt positions are never masked in either view
+and never targets; the loss is each sequence's sum over its answer tokens divided by its answer
+length (the answer tokens after position 0, the ones that can be predicted), averaged over the batch.
 """
 
 from __future__ import annotations
@@ -60,13 +64,19 @@ def annealed_mask(length: int, ratio: float, generator: torch.Generator | None, 
     return (causal | (noise.to(device) < ratio))[None, None]
 
 
-def complementary_views(x0: Tensor, mask_id: int, generator: torch.Generator | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Two noisy views [2, B, L] with complementary masks, their mask rates [2, B] and masks [2, B, L]."""
+def complementary_views(
+    x0: Tensor, mask_id: int, generator: torch.Generator | None, eps: float, maskable: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Two noisy views [2, B, L] with complementary masks, their mask rates [2, B] and masks [2, B, L].
+
+    ``maskable`` [B, L] (optional): positions outside it stay clean in both views."""
     b, length = x0.shape
     t = sample_times(b, generator, eps, device=x0.device)
     u = torch.rand(b, length, generator=generator, device="cpu" if generator is not None else x0.device).to(x0.device)
     first = u < t[:, None]
     masked = torch.stack([first, ~first])
+    if maskable is not None:
+        masked &= maskable
     rates = torch.stack([t, 1 - t]).clamp(min=eps)
     views = torch.where(masked, torch.full_like(x0, mask_id), x0.expand(2, -1, -1))
     return views, rates, masked
@@ -111,19 +121,22 @@ def adapt_loss(
     teacher: Transformer | None = None,
     distill: float = 0.0,
     anneal: float = 1.0,
+    prompt_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     eps: float = DEFAULT_EPS,
 ) -> LossOutput:
     """The shifted diffusion loss of an adapted model (block-causal or full attention), see the module doc.
 
     ``anneal``: share of non-causal attention entries open (full-attention models; 1 = bidirectional).
+    ``prompt_mask`` [B, L]: True on prompt (and ignored padding) tokens, never masked nor targets (SFT).
     """
     config = model.config
     mask_id = config.mask_token_id
     if mask_id is None or not config.shifted:
         raise ValueError("adapt_loss needs a shifted model with a mask_token_id")
     b, length = x0.shape
-    views, rates, masked = complementary_views(x0, mask_id, generator, eps)
+    maskable = None if prompt_mask is None else ~prompt_mask
+    views, rates, masked = complementary_views(x0, mask_id, generator, eps, maskable)
     target = masked.clone()
     target[:, :, 0] = False  # nothing precedes the first position
     logits = predictions(model, x0, views, target, anneal, generator).clone()
@@ -134,7 +147,10 @@ def adapt_loss(
     rows = torch.arange(b, device=x0.device)[None, :, None].expand(2, b, length)[target]
     weights = (1.0 / rates)[:, :, None].expand(2, b, length)[target]
     per_seq = torch.zeros(b, dtype=nll.dtype, device=x0.device).index_add_(0, rows, (nll * weights).detach())
-    loss = nll.mean()
+    share = None  # SFT: a target's weight in the mean of the per-sequence means over the answer
+    if maskable is not None:
+        share = (1.0 / maskable[:, 1:].sum(dim=1).clamp(min=1))[rows] / b
+    loss = nll.mean() if share is None else (nll * share).sum()
     if teacher is not None and distill > 0:
         with torch.no_grad():
             every = torch.ones(b, length, dtype=torch.bool, device=x0.device)
@@ -146,6 +162,7 @@ def adapt_loss(
         log_p = F.log_softmax(reference.float(), dim=-1)
         # 0 * log 0 = 0, also at [MASK], where both distributions are -inf
         kl = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_probs), torch.zeros_like(log_p)).sum(-1)
-        loss = (1 - distill) * loss + distill * kl.mean()
+        loss = (1 - distill) * loss + distill * (kl.mean() if share is None else (kl * share).sum())
     # Each view is one estimate of the sequence's bound: report their mean.
-    return LossOutput(loss, per_seq.sum() / 2, b * length)
+    n_tokens = b * length if maskable is None else int(maskable.sum())
+    return LossOutput(loss, per_seq.sum() / 2, n_tokens)

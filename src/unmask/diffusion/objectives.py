@@ -126,7 +126,10 @@ def block_diffusion_loss(
 
 
 def ar_loss(model: Transformer, x0: Tensor, *, prompt_mask: Tensor | None = None) -> LossOutput:
-    """Next-token cross-entropy of a causal model; with ``prompt_mask`` only answer tokens count."""
+    """Next-token cross-entropy of a causal model.
+
+    With ``prompt_mask`` (SFT) only answer tokens are targets, and the loss is the mean over
+    sequences of each one's answer NLL divided by its answer length (DESIGN's SFT rule)."""
     if not model.config.shifted:
         raise ValueError("the AR objective expects a shifted model (logit i predicts token i + 1)")
     logits = model(x0[:, :-1])
@@ -135,7 +138,10 @@ def ar_loss(model: Transformer, x0: Tensor, *, prompt_mask: Tensor | None = None
     counted = torch.ones_like(target, dtype=torch.bool) if prompt_mask is None else ~prompt_mask[:, 1:]
     nll = torch.where(counted, nll, torch.zeros_like(nll))
     n = int(counted.sum())
-    return LossOutput(nll.sum() / max(n, 1), nll.detach().sum(), n)
+    if prompt_mask is None:
+        return LossOutput(nll.sum() / max(n, 1), nll.detach().sum(), n)
+    per_seq = nll.sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+    return LossOutput(per_seq.mean(), nll.detach().sum(), n)
 
 
 def compute_loss(

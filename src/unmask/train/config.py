@@ -39,6 +39,9 @@ class DataConfig:
     tokenizer: str | None = None  # directory holding tokenizer.json; with shards, default: the copy inside the shard directory
     train_tokens: str | None = None  # instead of paths + tokenizer: a .npy array of token ids, documents joined by EOS
     val_tokens: str | None = None  # the validation twin of train_tokens (.npy); optional
+    sft: str | None = None  # or: SFT examples, a JSONL file of {"messages": [...]} or {"prompt", "completion"} (needs tokenizer; see unmask.train.sft)
+    sft_val: str | None = None  # held-out SFT examples (JSONL); without it val_fraction of sft is held out by hash
+    sft_pad: Literal["eos", "ignore"] = "eos"  # SFT window tail: EOS counted as answer (LLaDA), or pad never masked nor a target
     seq_len: int = 256  # tokens per training window
     val_fraction: float = 0.02  # with paths: share of files held out for validation (split by file content hash)
     max_files: int | None = None  # use at most this many files (chosen by content hash, so a uniform sample)
@@ -204,9 +207,15 @@ def _validate(cfg: TrainConfig) -> None:
             raise UnmaskError(f"{cfg.source}: {msg}")
 
     sources = [name for name, given in (("shards", d.shards is not None), ("paths", bool(d.paths)),
-                                        ("train_tokens", d.train_tokens is not None)) if given]
-    need(len(sources) == 1, "[data] needs exactly one of shards, paths (with a tokenizer) or train_tokens"
+                                        ("train_tokens", d.train_tokens is not None), ("sft", d.sft is not None)) if given]
+    need(len(sources) == 1, "[data] needs exactly one of shards, paths (with a tokenizer), train_tokens or sft"
          + (f", not {' and '.join(sources)}" if sources else ""))
+    need(d.sft is None or d.tokenizer is not None, "[data] sft needs a tokenizer directory (its chat template renders the examples)")
+    need(d.sft_val is None or d.sft is not None, "[data] sft_val goes with sft")
+    need(d.sft is None or d.max_tokens is None, "[data] max_tokens does not apply to sft")
+    need(t.objective != "sft" or d.sft is not None, "[train] objective 'sft' needs [data] sft (a JSONL file of examples)")
+    need(d.sft is None or t.objective in ("sft", "adapt", "ar"),
+         f"[data] sft trains objective 'sft', 'adapt' or 'ar', not {t.objective!r}")
     if d.paths:
         need(d.tokenizer is not None, "[data] paths need a tokenizer directory")
     need(d.max_files is None or bool(d.paths), "[data] max_files applies to paths only")
@@ -235,11 +244,10 @@ def _validate(cfg: TrainConfig) -> None:
     for pattern in d.paths:
         if not any(c in pattern for c in "*?[") and not Path(pattern).exists():
             raise UnmaskError(f"{cfg.source}: [data] path {pattern} does not exist")
-    for name in ("shards", "tokenizer", "train_tokens", "val_tokens"):
+    for name in ("shards", "tokenizer", "train_tokens", "val_tokens", "sft", "sft_val"):
         value = getattr(d, name)
         if value is not None and not Path(value).exists():
             raise UnmaskError(f"{cfg.source}: [data] {name} {value} does not exist")
-    need(t.objective != "sft", "[train] objective 'sft' needs prompt/answer data, which this trainer does not read yet")
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -262,7 +270,7 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     data = _build(DataConfig, raw.get("data", {}), "data")
     train = _build(TrainSection, raw.get("train", {}), "train")
     data.paths = [_resolve_path(p, base) for p in data.paths]
-    for name in ("shards", "tokenizer", "train_tokens", "val_tokens"):
+    for name in ("shards", "tokenizer", "train_tokens", "val_tokens", "sft", "sft_val"):
         if getattr(data, name) is not None:
             setattr(data, name, _resolve_path(getattr(data, name), base))
     train.out_dir = _resolve_path(train.out_dir or f"runs/{path.stem}", base)

@@ -49,6 +49,7 @@ from unmask.train.distributed import (
     wrap_model,
 )
 from unmask.train.metrics import MetricsLog, Progress
+from unmask.train.sft import SFTData, build_sft, sft_data, sft_windows
 from unmask.train.shards import read_manifest
 
 EVAL_SEED = 1234  # masking noise of validation: fixed so the figure is comparable across evaluations
@@ -70,7 +71,7 @@ def _shard_tokenizer(cfg: TrainConfig) -> Any:
     return tokenizer
 
 
-def prepare_data(cfg: TrainConfig, ctx: DistContext | None = None) -> tuple[TokenData, Any]:
+def prepare_data(cfg: TrainConfig, ctx: DistContext | None = None) -> tuple[TokenData | SFTData, Any]:
     """The run's token streams and its tokenizer (None when training from token files).
 
     With ``[data] paths`` the main process tokenises the corpus into a shard directory
@@ -85,6 +86,11 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext | None = None) -> tuple[Toke
     from unmask.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(d.tokenizer)
+    if d.sft is not None:  # examples tokenised once into out_dir/sft by the main process
+        if ctx.is_main:
+            build_sft(d.sft, cfg.out_dir / "sft", tokenizer, val_path=d.sft_val, val_fraction=d.val_fraction)
+        barrier(ctx)
+        return sft_data(cfg.out_dir / "sft", d.sft_pad), tokenizer
     if tokenizer.eos_id is None:
         raise UnmaskError(f"{d.tokenizer}: the tokenizer has no EOS token to separate documents")
     root = cfg.out_dir / "data"
@@ -99,7 +105,7 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext | None = None) -> tuple[Toke
     return shard_data(root, d.max_tokens), tokenizer
 
 
-def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData, init: ModelConfig | None = None) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData | SFTData, init: ModelConfig | None = None) -> ModelConfig:
     """[model] completed from the objective and the tokenizer (and the ``init_from`` model's
     shape, which [model] may not change), and checked against them and the data."""
     fields = dict(cfg.model)
@@ -189,7 +195,7 @@ def _grid(index: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, objective: str, windows: torch.Tensor, batch_size: int, autocast: Any,
-    ctx: DistContext | None = None, sharded: bool = False,
+    ctx: DistContext | None = None, sharded: bool = False, prompt_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Per-token NLL on fixed windows: the ELBO bound with fixed times for diffusion, exact for AR.
 
@@ -198,6 +204,7 @@ def evaluate(
     of its own, so the figure is deterministic, comparable between evaluations, and the same
     however the batches are dealt to processes (batch k goes to rank k mod world). ``sharded``
     (FSDP2): every process runs the same number of forward passes, idle ones on a batch they drop.
+    ``prompt_mask`` (SFT, like ``windows``): the figure is per answer token.
     """
     ctx = ctx or DistContext()
     was_training = model.training
@@ -214,19 +221,20 @@ def evaluate(
         real = k < n_batches
         start = (k if real else 0) * batch_size
         x0 = windows[start : start + batch_size].to(device)
+        prompt = None if prompt_mask is None else prompt_mask[start : start + batch_size].to(device)
         rows = torch.arange(start, start + x0.shape[0])
         gen = step_torch_generator(EVAL_SEED, k, 0, stream=2)
         with autocast():
             if objective == "ar":
-                out = ar_loss(model, x0)
+                out = ar_loss(model, x0, prompt_mask=prompt)
             elif objective == "adapt":
-                out = adapt_loss(model, x0, generator=gen)
+                out = adapt_loss(model, x0, prompt_mask=prompt, generator=gen)
             elif objective == "block":
                 cells = (rows[:, None] * n_blocks + torch.arange(n_blocks)[None, :]).flatten()
                 t = _grid(cells, n * n_blocks, device).view(-1, n_blocks)
                 out = block_diffusion_loss(model, x0, t=t, generator=gen)
             else:
-                out = diffusion_loss(model, x0, t=_grid(rows, n, device), generator=gen)
+                out = diffusion_loss(model, x0, t=_grid(rows, n, device), prompt_mask=prompt, generator=gen)
         if real:
             nll += float(out.nll_sum)
             tokens += out.n_tokens
@@ -303,10 +311,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
     data, tokenizer = prepare_data(cfg, ctx)
     init = _init_model(cfg, tokenizer)
     model_config = build_model_config(cfg, tokenizer, data, None if init is None else init.config)
-    train_windows = TokenWindows(data.train, cfg.data.seq_len, "train")
-    val_windows = None
-    if data.val.size:
-        val_windows = TokenWindows(data.val, cfg.data.seq_len, "validation").fixed(t.eval_batches * t.batch_size)
+    val_windows = val_prompt = None
+    if isinstance(data, SFTData):
+        train_windows, val = sft_windows(data, tokenizer, cfg.data.seq_len, cfg.data.sft_pad, t.eval_batches * t.batch_size)
+        val_windows, val_prompt = val or (None, None)
+    else:
+        train_windows = TokenWindows(data.train, cfg.data.seq_len, "train")
+        if data.val.size:
+            val_windows = TokenWindows(data.val, cfg.data.seq_len, "validation").fixed(t.eval_batches * t.batch_size)
 
     torch.manual_seed(t.seed)
     base = Transformer(model_config).to(device).train()
@@ -347,7 +359,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
 
     def validate() -> dict[str, float]:
         eval_model = model if sharded else unwrap(model)
-        return evaluate(eval_model, t.objective, val_windows, t.batch_size, autocast, ctx, sharded)
+        return evaluate(eval_model, t.objective, val_windows, t.batch_size, autocast, ctx, sharded, val_prompt)
 
     start_step = state["step"]
     started = time.perf_counter()
@@ -360,16 +372,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
                 group["lr"] = lr
             loss_sum = 0.0
             for i, micro in enumerate(my_micro_batches):
-                x0 = train_windows.batch(t.batch_size, t.seed, step, micro, t.grad_accum).to(device)
+                batch = train_windows.batch(t.batch_size, t.seed, step, micro, t.grad_accum)
+                x0, prompt = batch if isinstance(batch, tuple) else (batch, None)  # SFT: (ids, prompt mask)
+                x0, prompt = x0.to(device), None if prompt is None else prompt.to(device)
                 generator = step_torch_generator(t.seed, step, micro, stream=1)
                 with gradient_sync(model, sync=i == len(my_micro_batches) - 1):
                     with autocast():
                         if t.objective == "adapt":
                             anneal = 1.0 if t.anneal_steps == 0 else min(1.0, step / t.anneal_steps)
                             out = adapt_loss(model, x0, teacher=teacher, distill=t.distill, anneal=anneal,
-                                             generator=generator)
+                                             prompt_mask=prompt, generator=generator)
                         else:
-                            out = compute_loss(t.objective, model, x0, generator=generator)
+                            out = compute_loss(t.objective, model, x0, prompt_mask=prompt, generator=generator)
                     (out.loss / len(my_micro_batches)).backward()
                 loss_sum += float(out.loss.detach())
             grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
