@@ -49,7 +49,7 @@ def url(hostile_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     cmd = [sys.executable, "-m", "unmask", "serve", str(hostile_dir), "--served-model-name", "tiny", "--port",
-           str(port), "--device", "cpu", "--log-level", "warning", "--shutdown-timeout", "0.5"]
+           str(port), "--device", "cpu", "--log-level", "warning", "--shutdown-timeout", "0.5", "--allow-host", "allowed.example"]
     env = {k: v for k, v in os.environ.items() if k != "UNMASK_API_KEY"}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -220,7 +220,8 @@ def test_foreign_host_headers_and_non_json_bodies_are_refused(url):
         assert_error(httpx.get(url + "/health", headers={"Host": host}, timeout=5), 421)
         assert_error(httpx.get(url + "/v1/models", headers={"Host": host}, timeout=5), 421)
     port = url.rsplit(":", 1)[1]
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "10.1.2.3"):
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "10.1.2.3", "allowed.example",
+                 f"Allowed.Example:{port}"):
         assert post(url, "/v1/completions", body, Host=host).status_code == 200, host
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
         r = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": ctype}, timeout=10)
@@ -230,3 +231,12 @@ def test_foreign_host_headers_and_non_json_bodies_are_refused(url):
     r = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"},
                    timeout=10)
     assert r.status_code == 200, r.text
+
+
+def test_schema_fuzzing_finds_no_5xx(url):
+    """A short run of scripts/fuzz_serve.py (docs/serving.md has a long one)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_serve.py"
+    proc = subprocess.run([sys.executable, str(script), "--url", url, "--examples", "40"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "; 5xx: 0;" in proc.stdout and "bad answers: 0" in proc.stdout, proc.stdout

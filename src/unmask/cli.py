@@ -510,6 +510,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
                        help="seconds in-flight requests get to finish on SIGTERM")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--allow-host", action="append", metavar="NAME",
+                       help="also answer this Host header name (repeatable; '*' = any; default: the bound names)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -524,6 +526,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         max_choices=args.max_n,
         shutdown_timeout=args.shutdown_timeout,
+        allowed_hosts=(*ServeSettings().allowed_hosts, *(args.allow_host or ())),
     )
     options = LaunchOptions(
         model=args.model_name or args.model, ar_model=args.ar_model, served_model_name=args.served_model_name,
