@@ -446,7 +446,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _add_data_command(sub: argparse._SubParsersAction) -> None:
-    """`data build`: source files -> token shards for `unmask train`."""
+    """`data build`: source files -> token shards for `unmask train`; `data sft-pairs`: functions -> SFT pairs."""
+    from unmask.train import mine
+
     data = sub.add_parser("data", help="training data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     build = data_sub.add_parser("build", help="tokenise source files into memory-mapped token shards")
@@ -464,10 +466,17 @@ def _add_data_command(sub: argparse._SubParsersAction) -> None:
                        help="skip documents larger than this")
     build.add_argument("--shard-mb", type=_bounded(float, 0.0, low_open=True), default=32.0, help="source text per shard")
     build.add_argument("--max-files", type=positive_int, help="keep at most this many files (a uniform sample by hash)")
+    mine.add_arguments(data_sub.add_parser("sft-pairs", help="mine SFT pairs (docstring -> function) from Python files"))
 
 
 def cmd_data(args: argparse.Namespace) -> None:
     import os
+
+    if args.data_command == "sft-pairs":
+        from unmask.train import mine
+
+        mine.main(args)
+        return
 
     from rich.console import Console
     from rich.table import Table
