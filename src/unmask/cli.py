@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from unmask import __version__
+from unmask.decoding.defaults import DEFAULT_BLOCK
 from unmask.decoding.policies import POLICIES
 from unmask.errors import UnmaskError
-
-DEFAULT_BLOCK = 32
 
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable:
@@ -61,14 +60,16 @@ def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None
         "--block-size", type=positive_int,
         help=f"semi-autoregressive block length (default: the model's block for block-causal models, else {DEFAULT_BLOCK})",
     )
-    p.add_argument("--policy", choices=POLICIES, help="which predictions to commit each step (default: confidence)")
+    p.add_argument("--policy", choices=POLICIES,
+                   help="which predictions to commit each step (default: the model's decoding.json, else confidence)")
     p.add_argument("--temperature", type=_bounded(float, 0.0, 2.0), default=0.0)
     p.add_argument("--top-k", type=positive_int)
     p.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--cache", choices=("none", "prefix", "dual"), default="none",
-        help="block KV cache: approximate for bidirectional models, exact for block-causal ones",
+        "--cache", choices=("none", "prefix", "dual"),
+        help="block KV cache: approximate for bidirectional models, exact for block-causal ones "
+             "(default: the model's decoding.json, else none)",
     )
     p.add_argument("--cache-refresh", type=positive_int, help="with --cache: recompute the whole canvas every N steps")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
@@ -235,30 +236,18 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     _add_decoding_flags(chat, default_tokens=128)
 
 
-def _generation_config(args: argparse.Namespace, model_config):
+def _generation_config(args: argparse.Namespace, loaded):
+    """The user's flags, else the model's ``decoding.json``, else one token per step (``decoding.defaults``)."""
     from unmask.decoding import GenerationConfig
+    from unmask.decoding.defaults import DecodingChoice, resolve
 
-    block = args.block_size
-    if block is None:
-        block = model_config.block_size if model_config.attention == "block" else DEFAULT_BLOCK
-    policy = args.policy or ("threshold" if args.threshold is not None else "confidence")
-    if args.threshold is not None and policy != "threshold":
-        raise UnmaskError(f"--threshold applies to --policy threshold, not {policy}")
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        block_size=block,
-        steps=args.steps,
-        policy=policy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        cache=args.cache,
-        cache_refresh=args.cache_refresh,
+    user = DecodingChoice(policy=args.policy, threshold=args.threshold, steps=args.steps, block_size=args.block_size,
+                  cache=args.cache)
+    settings = resolve(user, loaded.decoding, DecodingChoice(), loaded.model.config, args.max_new_tokens)
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, cache_refresh=args.cache_refresh, **settings,
     )
-    if args.threshold is not None:
-        config.threshold = args.threshold
-    return config
 
 
 def _run_decoding(args: argparse.Namespace, prompt_text: str, run: Callable, visible_prefix: str) -> None:
@@ -271,7 +260,7 @@ def _run_decoding(args: argparse.Namespace, prompt_text: str, run: Callable, vis
     from unmask.view import LiveCanvas
 
     loaded = load(args.model, device=args.device)
-    config = _generation_config(args, loaded.model.config)
+    config = _generation_config(args, loaded)
     healed = heal(loaded.tokenizer, loaded.tokenizer.encode(prompt_text), args.token_healing)
     if healed.heal is not None:  # the canvas spells the removed text again
         visible_prefix = loaded.tokenizer.decode(healed.ids)
@@ -440,7 +429,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UnmaskError(f"two models named: {args.model_name} and --model {args.model}")
     loaded = load(args.model_name or args.model, device=args.device)
     options = ChatOptions(show_steps=args.show_steps, frame_delay=args.frame_delay, quiet=args.quiet, json=args.json)
-    failed = run_chat(loaded, _generation_config(args, loaded.model.config), args.system, options)
+    failed = run_chat(loaded, _generation_config(args, loaded), args.system, options)
     if failed:
         raise UnmaskError(f"{failed} turn{'s' if failed > 1 else ''} failed")
 
@@ -511,7 +500,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-concurrency", type=positive_int, default=8, help="requests per model decoded in one batch")
     serve.add_argument("--max-queue", type=_bounded(int, 0), default=64, help="requests per model waiting for a slot; more get 429")
     serve.add_argument("--max-model-len", type=positive_int, help="cap on prompt + answer tokens (default: the model's context)")
-    serve.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+    serve.add_argument("--cache", choices=("none", "prefix", "dual"),
                        help="block KV cache of the running batch (approximate for bidirectional models, exact for block-causal)")
     serve.add_argument("--cache-refresh", type=positive_int, help="with --cache: recompute every canvas every N steps")
     serve.add_argument("--max-n", type=positive_int, default=8, help="most choices (n x prompts) per request")
@@ -616,7 +605,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             models, tokens, source, seq_len=args.seq_len, limit=args.limit, samples=args.samples, batch_size=args.batch_size
         )
     else:
-        config = _generation_config(args, loaded.model.config)
+        config = _generation_config(args, loaded)
         common = {"limit": args.limit, "batch_size": args.batch_size, "token_healing": args.token_healing}
         if args.eval_command == "syntax":
             report = syntax.evaluate(loaded, config, data=args.data, seed=args.seed, **common)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from unmask.models.hf import is_hf_checkpoint, load_hf
 from unmask.models.io import load_model
 from unmask.models.transformer import Transformer
 from unmask.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from unmask.decoding.defaults import DecodingChoice
 
 
 def default_model_dir(name: str = "default") -> Path:
@@ -31,6 +34,13 @@ class LoadedModel:
     model: Transformer
     tokenizer: Tokenizer
     path: Path
+
+    @property
+    def decoding(self) -> "DecodingChoice":
+        """The decoding setting measured best for this model (``decoding.json``), if it ships one."""
+        from unmask.decoding.defaults import read_model_choice
+
+        return read_model_choice(self.path)
 
     @property
     def training(self) -> dict[str, Any]:

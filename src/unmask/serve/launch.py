@@ -35,15 +35,18 @@ class LaunchOptions:
     device: str = "auto"  # cpu, cuda, cuda:1 or auto
     max_concurrency: int = 8  # requests per model decoded together in one batch
     max_queue: int = 64  # requests per model that may wait for a batch slot; more get 429
-    cache: str = "none"  # block KV cache of the diffusion model's running batch: none | prefix | dual
+    cache: str | None = None  # block KV cache of the diffusion model's running batch: none | prefix | dual; None = the model's decoding.json, else none
     cache_refresh: int | None = None  # with a cache: recompute everything every this many steps
     log_level: str = "info"
 
 
 def serve_model(name: str, loaded: LoadedModel, max_model_len: int | None = None, max_concurrency: int = 8,
-                max_queue: int = 64, cache: str = "none", cache_refresh: int | None = None) -> ServedModel:
-    """Wrap a loaded model with an engine (not started yet) under ``name``; context capped at ``max_model_len``."""
+                max_queue: int = 64, cache: str | None = None, cache_refresh: int | None = None) -> ServedModel:
+    """Wrap a loaded model with an engine (not started yet) under ``name``; context capped at ``max_model_len``;
+    ``cache`` None: the model's ``decoding.json`` says, else none."""
     context = loaded.model.config.max_seq_len
+    if cache is None:
+        cache = loaded.decoding.cache or "none"
     engine = Engine(loaded.model, max_batch=max_concurrency, max_queue=max_queue, cache=cache, cache_refresh=cache_refresh)
     return ServedModel(name, loaded, engine, min(context, max_model_len or context))
 

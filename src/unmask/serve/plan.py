@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 
 from unmask.decoding import POLICIES, GenerationConfig
+from unmask.decoding.defaults import DecodingChoice, resolve
 from unmask.decoding.generate import end_ids
 from unmask.decoding.healing import Healing, heal_batch
 from unmask.engine import EngineRequest
@@ -23,7 +24,6 @@ from unmask.serve.errors import APIError, bad_request
 from unmask.serve.render import TemplateRenderer
 from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest, GenerationFields
 from unmask.serve.settings import (
-    DEFAULT_BLOCK,
     DEFAULT_MAX_TOKENS,
     DEFAULT_POLICY,
     DEFAULT_THRESHOLD,
@@ -238,31 +238,21 @@ def _plan(
 def _generation_config(body: GenerationFields, served: ServedModel, max_tokens: int,
                        stop_ids: tuple[int, ...]) -> GenerationConfig:
     """The request's decoding settings, with the server's defaults for what it leaves out."""
-    mc = served.loaded.model.config
-    policy = body.policy
-    if policy is not None and policy not in POLICIES:
-        raise bad_request(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param="policy")
-    if body.threshold is not None:
-        if policy not in (None, "threshold"):
-            raise bad_request(f"threshold applies to the threshold policy, not {policy}", param="threshold")
-        policy = "threshold"
-    policy = policy or DEFAULT_POLICY
-    block = body.block_size
-    if mc.attention == "block":
-        if block is not None and block != mc.block_size:
-            raise bad_request(f"{served.name} is block-causal and decodes with block_size {mc.block_size}, got {block}",
-                              param="block_size")
-        block = mc.block_size
-    elif block is None:
-        block = DEFAULT_BLOCK
+    if body.policy is not None and body.policy not in POLICIES:
+        raise bad_request(f"unknown policy {body.policy!r}; choose from {', '.join(POLICIES)}", param="policy")
+    user = DecodingChoice(policy=body.policy, threshold=body.threshold, steps=body.steps, block_size=body.block_size)
+    fallback = DecodingChoice(policy=DEFAULT_POLICY, threshold=DEFAULT_THRESHOLD)
+    try:
+        settings = resolve(user, served.decoding, fallback, served.loaded.model.config, max_tokens)
+    except UnmaskError as exc:
+        param = "block_size" if "block_size" in str(exc) else "threshold"
+        raise bad_request(f"{served.name}: {exc}", param=param) from None
+    settings.pop("cache")  # the engine's, chosen when the server started
     temperature = body.temperature if body.temperature is not None else 0.0
     try:
         return GenerationConfig(
             max_new_tokens=max_tokens,
-            block_size=block,
-            steps=body.steps,
-            policy=policy,
-            threshold=body.threshold if body.threshold is not None else DEFAULT_THRESHOLD,
+            **settings,
             temperature=temperature,
             top_k=body.top_k,
             top_p=None if body.top_p in (None, 1.0) else body.top_p,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from unmask.decoding.defaults import DecodingChoice
 from unmask.engine import Engine
 from unmask.loading import LoadedModel
 
 DEFAULT_MAX_TOKENS = 128  # answer length when a request names none (cut to the context left)
-DEFAULT_BLOCK = 32  # semi-autoregressive block when a request names none (block-causal models: their own)
 DEFAULT_POLICY = "threshold"  # commit every prediction at least this sure, at least one per step
 DEFAULT_THRESHOLD = 0.9  # the threshold policy's tau when a request names none
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # Host header names a loopback server always answers
@@ -51,6 +51,11 @@ class ServedModel:
         longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=1)
         slack = NORMALIZER_SLACK if tok.backend.normalizer is not None else 1
         return self.max_len * max(longest, 1) * slack
+
+    @cached_property
+    def decoding(self) -> DecodingChoice:
+        """The model's own decoding setting (``decoding.json``), used for what a request leaves out."""
+        return self.loaded.decoding
 
     @property
     def attention(self) -> str:
