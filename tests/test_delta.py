@@ -38,3 +38,27 @@ def test_delta_round_trip_over_a_gguf_base(tmp_path, tiny_tokenizer):
     (tmp_path / "adapted" / BASE_NAME).write_text("{")
     with pytest.raises(UnmaskError, match="unreadable"):
         unmask.load(tmp_path / "adapted")
+
+
+def test_low_rank_delta_is_the_truncated_svd(tmp_path, tiny_tokenizer):
+    base_file = tmp_path / "base.gguf"
+    write_gguf(base_file, "llama", source_model("llama", tiny_tokenizer), tiny_tokenizer, "F32")
+    base, _ = load_gguf(base_file)
+    adapted = Transformer(ModelConfig(**{**base.config.__dict__, "extra": {}}))
+    adapted.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(0)
+    w = adapted.layers[0].mlp.gate_proj.weight  # [128, 64]: a rank-3 change, exactly recoverable at rank 4
+    change = torch.randn(128, 3, generator=g) @ torch.randn(3, 64, generator=g) * 0.01
+    with torch.no_grad():
+        w.add_(change)
+        adapted.layers[1].attn.o_proj.weight.add_(torch.randn(64, 64, generator=g) * 0.01)  # full rank
+    record = save_delta(adapted, str(base_file), base_file, base.state_dict(), tmp_path / "a", dtype=None, rank=4)
+    errors = record["truncation_error"]
+    assert errors["layers.0.mlp.gate_proj.weight"] < 1e-5 and 0.5 < errors["layers.1.attn.o_proj.weight"] < 1
+    tiny_tokenizer.save(tmp_path / "a")
+    loaded = unmask.load(tmp_path / "a", device="cpu").model
+    torch.testing.assert_close(loaded.layers[0].mlp.gate_proj.weight, w, rtol=0, atol=1e-6)
+    kept = loaded.layers[1].attn.o_proj.weight - base.layers[1].attn.o_proj.weight
+    full = (adapted.layers[1].attn.o_proj.weight - base.layers[1].attn.o_proj.weight).detach()
+    assert torch.linalg.matrix_rank(kept.double(), tol=1e-6) == 4
+    assert float(torch.linalg.norm(full - kept) / torch.linalg.norm(full)) == pytest.approx(errors["layers.1.attn.o_proj.weight"], abs=1e-4)

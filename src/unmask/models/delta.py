@@ -6,6 +6,11 @@ base, and the SHA-256 of its file so a different one is never used silently), th
 tensors in ``delta.safetensors``, and the tokenizer files. Loading reads the base (e.g. a GGUF
 file that an installed package ships), replaces the changed tensors and checks that every
 tensor of the config is accounted for.
+
+A changed matrix may be stored as a rank-r factorisation of its change, ``W = W_base + A @ B``
+(``NAME.delta_a`` [out, r] and ``NAME.delta_b`` [r, in], from a truncated SVD): fine-tuning
+changes are close to low-rank, and this is what keeps a model whose every block trained small.
+``base.json`` records each matrix's relative truncation error ||dW - AB|| / ||dW||.
 """
 
 from __future__ import annotations
@@ -44,19 +49,37 @@ def changed_tensors(model: Transformer, base: dict[str, torch.Tensor]) -> dict[s
     return {k: v for k, v in state.items() if k not in base or not torch.equal(v, base[k].to(v.dtype))}
 
 
+def low_rank(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A [out, r], B [r, in] with A @ B the best rank-``rank`` approximation of ``change``, and its relative error."""
+    u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+    a, b = (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
+    error = float(torch.linalg.norm(change.double() - a.double() @ b.double()) / torch.linalg.norm(change.double()).clamp(min=1e-30))
+    return a, b, error
+
+
 def save_delta(
     model: Transformer, base_name: str, base_path: Path, base_state: dict[str, torch.Tensor], directory: Path,
-    dtype: torch.dtype | None = torch.bfloat16,
+    dtype: torch.dtype | None = torch.bfloat16, rank: int | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` as a delta over the base; returns the ``base.json`` record."""
+    """Write ``model`` as a delta over the base (changed matrices as rank-``rank`` factors when that is
+    smaller); returns the ``base.json`` record."""
     directory.mkdir(parents=True, exist_ok=True)
-    delta = changed_tensors(model, base_state)
+    changed = changed_tensors(model, base_state)
+    delta, errors = {}, {}
+    for name, tensor in changed.items():
+        out_dim, in_dim = tensor.shape if tensor.dim() == 2 else (0, 0)
+        if rank is not None and tensor.dim() == 2 and name in base_state and rank * (out_dim + in_dim) < out_dim * in_dim:
+            a, b, errors[name] = low_rank(tensor.float() - base_state[name].float(), rank)
+            delta[f"{name}.delta_a"], delta[f"{name}.delta_b"] = a, b
+        else:
+            delta[name] = tensor
     if dtype is not None:
         delta = {k: v.to(dtype) if v.is_floating_point() else v for k, v in delta.items()}
     model.config.save(directory / CONFIG_NAME)
-    atomic_save_file(delta, directory / DELTA_NAME)
-    record = {"base": base_name, "file": base_path.name, "sha256": file_sha256(base_path),
-              "changed": sorted(delta), "unchanged": len(base_state) - len(delta)}
+    atomic_save_file({k: v.contiguous() for k, v in delta.items()}, directory / DELTA_NAME)
+    record = {"base": base_name, "file": base_path.name, "sha256": file_sha256(base_path), "rank": rank,
+              "changed": sorted(changed), "unchanged": len(base_state) - len(changed),
+              "truncation_error": {k: round(v, 5) for k, v in sorted(errors.items())}}
     (directory / BASE_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -77,10 +100,21 @@ def load_delta(directory: Path, device: torch.device | str = "cpu", dtype: torch
     config = ModelConfig.load(directory / CONFIG_NAME)
     base = load(name, device="cpu", dtype=torch.float32).model
     state = {k: v for k, v in base.state_dict().items() if not (config.tie_embeddings and k == "head.weight")}
-    for key, tensor in read_safetensors(directory / DELTA_NAME).items():
-        if key not in state:
+    delta = read_safetensors(directory / DELTA_NAME)
+    for key, tensor in delta.items():
+        if key.endswith(".delta_b"):
+            continue
+        if key.endswith(".delta_a"):
+            name = key[: -len(".delta_a")]
+            factor = delta.get(f"{name}.delta_b")
+            if name not in state or factor is None or tensor.shape[1] != factor.shape[0] or \
+                    (tensor.shape[0], factor.shape[1]) != tuple(state[name].shape):
+                raise UnmaskError(f"{directory / DELTA_NAME}: low-rank factors of {name} do not fit the base model")
+            state[name] = state[name] + tensor.float() @ factor.float()
+        elif key not in state:
             raise UnmaskError(f"{directory / DELTA_NAME}: tensor {key} is not in the base model")
-        state[key] = tensor.float()
+        else:
+            state[key] = tensor.float()
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device).to(dtype or torch.float32)
