@@ -8,7 +8,7 @@
 # from. A second run with the same version and all binaries present does nothing.
 set -euo pipefail
 VERSION="0.3.36"
-TARGETS=(llama-diffusion-cli llama-completion llama-simple llama-bench llama-tokenize)
+TARGETS=(llama-diffusion-cli llama-completion llama-simple llama-bench llama-tokenize llama-quantize)
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="${UNMASK_LLAMA_CPP:-$ROOT/.cache/llama.cpp}"
 JOBS="${JOBS:-2}"

@@ -133,3 +133,32 @@ def test_ar_greedy_on_the_q4_1_file_agrees_until_a_near_tie(smollm2):
         safe = next((i for i, g in enumerate(gaps) if g < 0.5), len(seq))
         theirs, _ = llama_cpp.completion(path, prompt, 32)
         assert theirs.startswith(loaded.tokenizer.decode(seq[:safe])), (prompt, safe)
+
+
+# Largest |dequantised - source| over a tensor, as a fraction of its largest |value|, for llama.cpp's
+# K-quant block formats (super-blocks of 256 with quantised sub-block scales): about one
+# quantisation step of the format, with room for its 6-/8-bit scales.
+K_QUANT_BOUND = {"Q6_K": 0.025, "Q5_K": 0.05, "Q4_K": 0.1, "Q3_K": 0.25}  # measured: 0.016, 0.035, 0.061, 0.160
+
+
+@pytest.mark.parametrize("kind", sorted(K_QUANT_BOUND))
+def test_k_quants_from_llama_quantize_load_within_their_bound(tmp_path, tiny_tokenizer, kind):
+    """llama.cpp's own quantiser writes the K-quant file; unmask reads it back close to the F32 source."""
+    import subprocess
+
+    from test_gguf_read import source_model, write_gguf
+    from unmask.models.gguf import GGUFFile, load_gguf
+
+    source = source_model("llama", tiny_tokenizer, d_model=256)  # K-quant rows are multiples of 256
+    f32, quantised = tmp_path / "f32.gguf", tmp_path / f"{kind}.gguf"
+    write_gguf(f32, "llama", source, tiny_tokenizer, "F32")
+    preset = {"Q6_K": "Q6_K", "Q5_K": "Q5_K_S", "Q4_K": "Q4_K_S", "Q3_K": "Q3_K_S"}[kind]
+    proc = subprocess.run([str(llama_cpp.binary("llama-quantize")), "--pure", str(f32), str(quantised), preset],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    file = GGUFFile.open(quantised)
+    assert {file.type_name(n) for n in file.tensors if len(file.shape(n)) == 2} == {kind}
+    loaded, _ = load_gguf(quantised)
+    for name, ref in source.state_dict().items():
+        rel = float((loaded.state_dict()[name] - ref).abs().max() / ref.abs().max())
+        assert rel <= (K_QUANT_BOUND[kind] if ref.dim() == 2 else 0.0), (name, rel)
