@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import make_model_dir
-from unmask.hub import RECORD_NAME, check_repo_id, resolve_model, safe_files
+from unmask.hub import PACKAGED, RECORD_NAME, check_repo_id, packaged_path, resolve_model, safe_files
 from unmask.cli import main
 from unmask.errors import UnmaskError
 
@@ -35,6 +36,13 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "unmask", *args], capture_output=True, text=True, timeout=120,
         env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})},
     )
+
+
+def _installed(name: str) -> bool:
+    try:
+        return packaged_path(name).is_file()
+    except UnmaskError:
+        return False
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -145,7 +153,8 @@ def test_pull_fetches_only_safe_files_and_list_and_load_find_it(tmp_path: Path, 
     listed = run_cli("list", "--json", env=env)
     assert listed.returncode == 0, listed.stderr
     entries = {e["name"]: e for e in json.loads(listed.stdout)}
-    assert set(entries) == {"default", "default-ar", "test-org/tiny"}
+    installed = {n for n in PACKAGED if _installed(n)}  # packaged models appear when their package is there
+    assert set(entries) == {"default", "default-ar", "test-org/tiny", *installed}
     entry = entries["test-org/tiny"]
     with safe_open(str(target / "model.safetensors"), framework="pt") as f:
         elements = sum(f.get_tensor(k).numel() for k in f.keys())
@@ -277,3 +286,28 @@ def test_list_flags_an_unfinished_download(tmp_path: Path, tiny_model_dir: Path,
     entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
     assert entries["org/half"]["status"].startswith("incomplete download")
     assert entries["default"]["status"] == "ok" and entries["default"]["parameters"] > 0
+
+
+def test_list_reads_weights_and_config_with_the_shared_readers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A truncated weights file is flagged (its header alone looks fine), and a config.json that is not a
+    regular file is refused at once instead of blocking the listing."""
+    from unmask.hub import describe
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    fifo = tmp_path / "fifo"
+    shutil.copytree(tiny_model_dir, fifo)
+    (fifo / "config.json").unlink()
+    os.mkfifo(fifo / "config.json")
+
+    found: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: found.update(t=describe(truncated, "t"), f=describe(fifo, "f")), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "describe() blocked on a FIFO named config.json"
+    assert found["t"].parameters is None and str(weights) in found["t"].status, found["t"]
+    assert "\n" not in found["t"].status
+    assert found["f"].status == f"{fifo / 'config.json'}: not a regular file (a FIFO)", found["f"]
+    assert describe(tiny_model_dir, "ok").status == "ok"

@@ -394,31 +394,13 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    from unmask.hub import cache_dir, entries_json, human_count, human_size, list_models
+    from unmask.hub import entries_json, list_models, print_models
 
     entries = list_models()
     if args.json:
         print(entries_json(entries))
         return
-    table = Table(box=None, header_style="bold", caption=f"cache: {cache_dir()}", caption_justify="left")
-    table.add_column("name", overflow="fold")
-    for column in ("family", "attention", "parameters", "size"):
-        table.add_column(column, no_wrap=True, justify="right" if column in ("parameters", "size") else "left")
-    table.add_column("path", overflow="fold")
-    problems = []
-    for e in entries:
-        name = Text(e.name)
-        if e.status != "ok":
-            name.append(" (incomplete)" if e.status == "incomplete download" else " (unreadable)", style="red")
-            problems.append(f"{e.name}: {e.status}")
-        table.add_row(name, e.family, e.attention, human_count(e.parameters), human_size(e.size_bytes), e.path)
-    Console().print(table)
-    for line in problems:
-        print(line, file=sys.stderr)
+    print_models(entries)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
