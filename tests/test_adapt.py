@@ -130,3 +130,19 @@ def test_distillation_loss_is_finite_although_mask_is_impossible_for_both():
     x0, _ = batch(4)
     out = adapt_loss(model, x0, teacher=model, distill=1.0, anneal=0.0, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(out.loss)
+
+
+def test_perplexity_scores_a_shifted_model_on_the_ar_twins_tokens():
+    """The ELBO of an adapted (shifted) model covers exactly the tokens its AR base is scored on."""
+    from unmask.eval.perplexity import make_windows, score
+
+    model = model_of("block")
+    base = Transformer(ModelConfig(**{**model.config.__dict__, "attention": "causal"})).eval()
+    base.load_state_dict(model.state_dict())
+    windows = make_windows(torch.randint(2, 40, (200,), generator=torch.Generator().manual_seed(0)).numpy(), 15)
+    bound, exact = score(model, windows, samples=2, batch_size=4), score(base, windows)
+    assert bound["kind"] == "upper bound (ELBO)" and exact["kind"] == "exact"
+    assert bound["tokens_scored"] == exact["tokens_scored"]
+    # Every masked target sees less than the AR context, so its ELBO is no better than the AR NLL here
+    # (random weights: both near log(40)); a wrong normalisation (L instead of L - 1) or weight shows.
+    assert bound["nll_per_token"] > 0.8 * exact["nll_per_token"]

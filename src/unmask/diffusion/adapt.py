@@ -164,5 +164,6 @@ def adapt_loss(
         kl = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_probs), torch.zeros_like(log_p)).sum(-1)
         loss = (1 - distill) * loss + distill * (kl.mean() if share is None else (kl * share).sum())
     # Each view is one estimate of the sequence's bound: report their mean.
-    n_tokens = b * length if maskable is None else int(maskable.sum())
+    # The tokens the bound covers: every position but the first (nothing precedes it).
+    n_tokens = b * (length - 1) if maskable is None else int(maskable[:, 1:].sum())
     return LossOutput(loss, per_seq.sum() / 2, n_tokens)

@@ -34,14 +34,15 @@ OBJECTIVES = {"bidirectional": "diffusion", "block": "block", "causal": "ar"}
 
 
 def objective_for(model: Transformer) -> str:
-    """The objective whose validation figure this model gets: diffusion, block or ar."""
+    """The objective whose validation figure this model gets: diffusion, block, adapt (shifted
+    diffusion models: Dream-style, or adapted from an AR model) or ar."""
     cfg = model.config
     objective = OBJECTIVES[cfg.attention]
     if objective == "ar" and not cfg.shifted:
         raise UnmaskError("a causal model must have shifted logits (logit i predicts token i + 1) to be scored")
     if objective != "ar":
         if cfg.shifted:
-            raise UnmaskError("the ELBO is implemented for non-shifted diffusion models (LLaDA-style), not shifted ones")
+            objective = "adapt"
         if cfg.mask_token_id is None:
             raise UnmaskError("a diffusion model needs mask_token_id to be scored")
     return objective
@@ -88,6 +89,8 @@ def score(model: Transformer, windows: torch.Tensor, samples: int = 4, batch_siz
         autocast = contextlib.nullcontext
     if objective == "ar":
         x, draws = windows, 1
+    elif objective == "adapt":  # shifted: the token before the window is the first one's context, as for AR
+        x, draws = windows.repeat(samples, 1), samples
     else:
         x, draws = windows[:, 1:].repeat(samples, 1), samples
     nll = evaluate(model, objective, x, batch_size, autocast)["val_nll"]
