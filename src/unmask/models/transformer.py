@@ -25,22 +25,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # the casts below would be no-ops, each a dispatch
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(x.dtype)
 
 
 def rotary(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables of shape [B, 1, T, head_dim] for the given positions [B, T]."""
+    """cos/sin tables of shape [B, 1, T, head_dim] for the given positions [B, T]; the first half of
+    sin is negated, which folds rotate-half's negation into the table (bit for bit the same products,
+    one op fewer per call of ``apply_rotary``)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[..., : head_dim // 2].neg_()
+    return emb.cos(), sin
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    if x.dtype == torch.float32:
+        return x * cos + swapped * sin
+    return (x.float() * cos + swapped.float() * sin).to(x.dtype)
 
 
 @dataclass
@@ -80,8 +88,10 @@ class KVCache:
         self.length = min(self.length, length)
 
     def write_meta(self, start: int | Tensor, positions: Tensor, valid: Tensor) -> None:
-        if isinstance(start, Tensor):  # static shapes: slots from a device tensor, attention over the whole buffer
-            slots = start + torch.arange(positions.shape[1], device=positions.device)
+        """``start``: the first slot, or (static shapes) a device tensor: a scalar first slot or the
+        1-d slots themselves; attention then spans the whole buffer."""
+        if isinstance(start, Tensor):
+            slots = start if start.dim() == 1 else start + torch.arange(positions.shape[1], device=positions.device)
             self.positions.index_copy_(1, slots, positions)
             self.valid.index_copy_(1, slots, valid)
             self.length = self.capacity
@@ -95,7 +105,7 @@ class KVCache:
 
     def write(self, layer: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if isinstance(start, Tensor):
-            slots = start + torch.arange(k.shape[2], device=k.device)
+            slots = start if start.dim() == 1 else start + torch.arange(k.shape[2], device=k.device)
             self.keys[layer].index_copy_(2, slots, k)
             self.values[layer].index_copy_(2, slots, v)
             return self.keys[layer], self.values[layer]
@@ -269,6 +279,8 @@ class Transformer(nn.Module):
         if cache is not None:
             if valid is None:
                 valid = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+            if isinstance(start, Tensor) and start.dim() == 0:  # the slots once, not once per layer
+                start = start + torch.arange(t, device=ids.device)
             cache.write_meta(start, positions, valid)
             k_pos, k_valid = cache.positions[:, : cache.length], cache.valid[:, : cache.length]
         else:
@@ -277,6 +289,10 @@ class Transformer(nn.Module):
             mask = attn_mask
         else:
             mask = attention_mask(self.config.attention, self.config.block_size, positions, k_pos, k_valid)
+        if mask is not None and mask.dtype == torch.bool and mask.device.type == "cpu":
+            # What scaled_dot_product_attention turns a boolean mask into on a CPU (0 / -inf in the
+            # query dtype), done once per forward instead of once per layer: bit for bit the same.
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         rope = rotary(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
