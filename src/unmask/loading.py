@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object
 from unmask.hub import resolve_model
 from unmask.models.delta import is_delta_dir, load_delta
 from unmask.models.gguf import load_gguf
@@ -49,8 +49,8 @@ class LoadedModel:
         if not record.is_file():
             return {}
         try:
-            return json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError):
+            return read_json_object(record)
+        except UnmaskError:  # a damaged record only informs: the model still loads
             return {}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object
 from unmask.models.config import ModelConfig
 from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, load_state, read_safetensors
 from unmask.models.transformer import Transformer
@@ -89,11 +90,10 @@ def load_delta(directory: Path, device: torch.device | str = "cpu", dtype: torch
     from unmask.hub import resolve_model
     from unmask.loading import load
 
-    try:
-        record = json.loads((directory / BASE_NAME).read_text())
-        name, sha = record["base"], record["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UnmaskError(f"{directory / BASE_NAME}: unreadable ({type(exc).__name__}: {exc})") from None
+    record = read_json_object(directory / BASE_NAME, missing_ok=False)
+    name, sha = record.get("base"), record.get("sha256")
+    if not isinstance(name, str) or not isinstance(sha, str):
+        raise UnmaskError(f"{directory / BASE_NAME}: needs the strings 'base' and 'sha256'")
     path = resolve_model(name)
     if path.is_file() and file_sha256(path) != sha:
         raise UnmaskError(f"{directory}: its base {name} ({path}) is not the file it was trained from (SHA-256 differs)")

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object
 from unmask.models.config import ModelConfig
 from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, load_model, write_weights
 
@@ -204,7 +205,7 @@ def is_complete(path: Path) -> bool:
     marker = path / MARKER_NAME
     try:
         if marker.is_file():
-            files = json.loads(marker.read_text()).get("files")
+            files = read_json_object(marker).get("files")
             return isinstance(files, dict) and bool(files) and all(
                 isinstance(size, int) and (path / name).is_file() and (path / name).stat().st_size == size
                 for name, size in files.items())
@@ -212,12 +213,12 @@ def is_complete(path: Path) -> bool:
         index = path / "model.safetensors.index.json"
         needed = [path / CONFIG_NAME, path / OPTIMIZER_NAME, path / STATE_NAME]
         if index.is_file():
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            shards = set(read_json_object(index).get("weight_map", {}).values())
             needed += [index, *(path / str(s) for s in shards)]
         else:
             needed.append(weights)
         return all(p.is_file() and p.stat().st_size > 0 for p in needed)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, UnmaskError):
         return False
 
 
@@ -266,7 +267,4 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         restore_state(model, optimizer, saved.state_dict(), optim_state)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UnmaskError(f"{path}: checkpoint does not fit this model and optimizer ({exc})") from None
-    try:
-        return json.loads((path / STATE_NAME).read_text())
-    except (OSError, ValueError) as exc:
-        raise UnmaskError(f"{path / STATE_NAME}: unreadable trainer state ({exc})") from None
+    return read_json_object(path / STATE_NAME, missing_ok=False)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object
 from unmask.train.shards import token_dtype, write_array_atomic, write_json_atomic
 
 FORMAT = "unmask-sft"
@@ -200,10 +201,10 @@ def build_sft(
     key = hashlib.sha256(json.dumps([VERSION, [s and s["sha256"] for s in sources.values()], tokenizer_hash(tokenizer),
                                      settings]).encode()).hexdigest()[:16]
     try:
-        old = json.loads((out / MANIFEST_NAME).read_text())
+        old = read_json_object(out / MANIFEST_NAME)
         if old.get("format") == FORMAT and old.get("key") == key:
             return old
-    except (OSError, ValueError):
+    except UnmaskError:  # damaged: built again
         pass
     dtype = token_dtype(tokenizer.vocab_size)
     held_out: set[bytes] = set()
@@ -271,8 +272,8 @@ def open_sft(root: str | Path, split: str) -> SFTExamples:
 def sft_data(root: str | Path, pad: str = "eos") -> SFTData:
     """The examples of a directory made by ``build_sft``, memory-mapped."""
     try:
-        manifest = json.loads((Path(root) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError) as exc:
+        manifest = read_json_object(Path(root) / MANIFEST_NAME, missing_ok=False)
+    except UnmaskError as exc:
         raise UnmaskError(f"{root}: not an SFT data directory ({exc})") from None
     train, val = open_sft(root, "train"), open_sft(root, "val")
     info = {"source": manifest["sources"], "examples": manifest["examples"], "tokens": manifest["tokens"],

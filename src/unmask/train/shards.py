@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from unmask.errors import UnmaskError
+from unmask.files import read_json_object
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -59,11 +60,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise UnmaskError(f"{root}: not a token shard directory (no {MANIFEST_NAME}); make one with `unmask data build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UnmaskError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(path, missing_ok=False)
+    if manifest.get("format") != FORMAT:
         raise UnmaskError(f"{path}: not an unmask token shard manifest")
     if manifest.get("version") != VERSION:
         raise UnmaskError(f"{path}: shard format version {manifest.get('version')}, this unmask reads {VERSION}")
