@@ -140,3 +140,55 @@ def test_tokenizer_train_writes_a_loadable_tokenizer(tmp_path: Path) -> None:
 
     tok = Tokenizer.from_dir(out)
     assert tok.decode(tok.encode("def f3(x):")) == "def f3(x):"
+
+
+def test_help_and_version_import_no_torch() -> None:
+    for flag in ("--help", "--version"):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "unmask", flag], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert "unmask.cli" in imported and "torch" not in imported and "numpy" not in imported, flag
+
+
+def test_every_option_is_described_and_shows_its_default() -> None:
+    import argparse
+
+    from unmask.cli import build_parser
+    from unmask.decoding.defaults import DEFAULT_BLOCK
+    from unmask.decoding.policies import POLICIES
+
+    undescribed = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        assert parser.description, f"{path}: no description"
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not action.help:
+                undescribed.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "unmask")
+    assert not undescribed, undescribed
+    text = run_cli("generate", "--help", env={"COLUMNS": "400"}).stdout
+    assert "length of the canvas (default: 64)" in text
+    assert "(default: 0.0)" in text and "(default: None)" not in text and "(default: False)" not in text
+    assert f"else {DEFAULT_BLOCK})" in text and ", ".join(POLICIES) in text
+    assert "1,2,4,8" in run_cli("bench", "--help", env={"COLUMNS": "400"}).stdout
+
+
+def test_info_leaves_out_the_training_machines_absolute_paths(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    record = {"steps": 7, "config": {"train": {"out_dir": "/home/someone/runs/x", "seed": 3},
+                                     "data": {"shards": "runs/data", "paths": ["/srv/corpus", "rel/src"]}}}
+    (model / "training.json").write_text(json.dumps(record))
+    text = run_cli("info", str(model), env={"OMP_NUM_THREADS": "1"})
+    assert text.returncode == 0, text.stderr
+    assert "/home/someone" not in text.stdout and "/srv/corpus" not in text.stdout
+    assert "training.config.train.seed: 3" in text.stdout and "training.config.data.shards: runs/data" in text.stdout
+    facts = json.loads(run_cli("info", str(model), "--json", env={"OMP_NUM_THREADS": "1"}).stdout)
+    assert facts["training"]["config"] == {"train": {"seed": 3}, "data": {"shards": "runs/data", "paths": ["rel/src"]}}

@@ -22,6 +22,7 @@ from unmask.decoding.fast import FastARDecoder, FastDecoder
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.transformer import Transformer
+from unmask.threads import current as current_threads
 
 # Published model shapes, built with random weights on the device (no download needed).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -209,9 +210,12 @@ def run_bench(
             if on_row is not None:
                 on_row(row)
     mc = diffusion.config
+    threads = current_threads()
     return {
         "model": model_name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {threads.describe()})",
+        "threads": threads.threads,  # torch's intra-op threads during the timings
+        "threads_reason": threads.reason,  # OMP_NUM_THREADS, unmask's choice (unmask.threads) or the program's
         "torch": torch.__version__,
         "dtype": str(next(diffusion.parameters()).dtype).replace("torch.", ""),
         "params": sum(p.numel() for p in diffusion.parameters()),

@@ -19,16 +19,64 @@ statistics go to stderr. User mistakes print one line and exit with status 1 (2 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from unmask import __version__
-from unmask.decoding.defaults import DEFAULT_BLOCK
-from unmask.decoding.policies import POLICIES
 from unmask.errors import UnmaskError
+
+# Commands that run no model: torch's thread count is left alone (and torch is not imported for it).
+TORCH_FREE = frozenset({"pull", "list", "tokenizer", "data"})
+
+
+class _Later:
+    """A value from a module imported only when argparse first uses it (checking a flag, writing a
+    command's help): building the parser, and so `unmask --help` and `--version`, imports no torch.
+    As ``choices`` it behaves as the container; as an action attribute it fills ``%(name)s`` in help."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def value(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __iter__(self):
+        return iter(self.value())
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.value()
+
+    def __str__(self) -> str:
+        return str(self.value())
+
+
+POLICY_NAMES = _Later("unmask.decoding.policies", "POLICIES")
+DEFAULT_BLOCK = _Later("unmask.decoding.defaults", "DEFAULT_BLOCK")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help where it has a default the text does not already give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        if isinstance(action.default, tuple):
+            return text + " (default: " + ",".join(map(str, action.default)) + ")"
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command parser: defaults shown in help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable:
@@ -52,20 +100,27 @@ positive_int = _bounded(int, 1)
 
 
 def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None:
-    p.add_argument("--model", help="model directory or cached name ORG/NAME (default: the embedded model)")
+    p.add_argument("--model", help="model directory, GGUF file or name: default, default-ar, a packaged or cached "
+                   "ORG/NAME (default: the embedded model)")
     p.add_argument("--max-new-tokens", type=positive_int, default=default_tokens, help="length of the canvas")
-    p.add_argument("--steps", type=positive_int, help="total denoising steps (default: one token per step)")
+    p.add_argument("--steps", type=positive_int,
+                   help="total denoising steps (default: the model's decoding.json, else one token per step)")
     p.add_argument("--threshold", type=_bounded(float, 0.0, 1.0), help="confidence threshold (selects --policy threshold)")
-    p.add_argument(
+    block = p.add_argument(
         "--block-size", type=positive_int,
-        help=f"semi-autoregressive block length (default: the model's block for block-causal models, else {DEFAULT_BLOCK})",
+        help="semi-autoregressive block length (default: a block-causal model's own block, else the model's "
+             "decoding.json, else %(fallback)s)",
     )
-    p.add_argument("--policy", choices=POLICIES,
-                   help="which predictions to commit each step (default: the model's decoding.json, else confidence)")
-    p.add_argument("--temperature", type=_bounded(float, 0.0, 2.0), default=0.0)
-    p.add_argument("--top-k", type=positive_int)
-    p.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True))
-    p.add_argument("--seed", type=int, default=0)
+    block.fallback = DEFAULT_BLOCK  # read when the help is written
+    p.add_argument("--policy", choices=POLICY_NAMES, metavar="POLICY",
+                   help="which predictions to commit each step, one of %(choices)s "
+                        "(default: the model's decoding.json, else confidence)")
+    p.add_argument("--temperature", type=_bounded(float, 0.0, 2.0), default=0.0,
+                   help="sampling temperature; 0 takes the most likely token")
+    p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True),
+                   help="sample among the most likely tokens that together hold probability P (default: 1, all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of sampling and of the random policies")
     p.add_argument(
         "--cache", choices=("none", "prefix", "dual"),
         help="block KV cache: approximate for bidirectional models, exact for block-causal ones "
@@ -90,7 +145,7 @@ def _add_healing_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unmask", description="Diffusion language models: train, decode, inspect.")
+    parser = _Parser(prog="unmask", description="Diffusion language models: train, decode, serve, measure.")
     parser.add_argument("--version", action="version", version=f"unmask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -100,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_healing_flag(gen)
 
     inf = sub.add_parser("infill", help="write the middle between a prefix and a suffix")
-    inf.add_argument("--prefix", required=True)
-    inf.add_argument("--suffix", required=True)
+    inf.add_argument("--prefix", required=True, help="the text before the gap")
+    inf.add_argument("--suffix", required=True, help="the text after the gap")
     _add_decoding_flags(inf, default_tokens=16)
     _add_healing_flag(inf)
 
@@ -119,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer on source files")
     tok_train.add_argument("paths", nargs="+", help="files, directories or globs")
     tok_train.add_argument("--out", required=True, help="output directory for tokenizer.json")
-    tok_train.add_argument("--vocab-size", type=_bounded(int, 300), default=4096)
+    tok_train.add_argument("--vocab-size", type=_bounded(int, 300), default=4096, help="tokens in the vocabulary, specials included")
     tok_train.add_argument("--suffix", action="append", help="file suffix to read in directories (default .py)")
 
     info = sub.add_parser("info", help="describe a model directory")
@@ -134,7 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_command(sub)
     _add_bench_command(sub)
     _add_eval_commands(sub)
+    _describe_commands(parser)
     return parser
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """Each command's one-line help also heads its own --help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                command = action.choices[choice.dest]
+                if command.description is None:
+                    command.description = choice.help
+                _describe_commands(command)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -157,8 +224,8 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--model", help="diffusion model directory (default: the embedded model)")
     source.add_argument("--shapes", help="random weights of a published shape built on the device: llada-8b, dream-7b, coder-nano, tiny")
     bench.add_argument("--ar-model", help="AR model directory (default: the diffusion model's weights read causally, for speed only)")
-    bench.add_argument("--batch", type=_bounded(int, 1, 64), default=1)
-    bench.add_argument("--prompt-len", type=positive_int, default=128)
+    bench.add_argument("--batch", type=_bounded(int, 1, 64), default=1, help="sequences decoded together")
+    bench.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens per sequence")
     bench.add_argument("--gen", type=positive_int, default=256, help="tokens generated per sequence")
     bench.add_argument("--block", type=positive_int, default=32, help="diffusion block length")
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs per setting (after one warm-up)")
@@ -372,19 +439,39 @@ def cmd_info(args: argparse.Namespace) -> None:
         "mask_token_id": cfg.mask_token_id,
         "eos_token_id": cfg.eos_token_id,
         "shifted_logits": cfg.shifted,
-        "training": loaded.training,
+        "training": _portable(loaded.training),
     }
     if cfg.attention == "block":
         facts["block_size"] = cfg.block_size
     if args.json:
         print(json.dumps(facts, indent=2))
         return
+    for key, value in _flat(facts):
+        print(f"{key}: {value}")
+
+
+def _portable(record: Any) -> Any:
+    """A training record without the training machine's absolute paths (they name nothing here)."""
+    if isinstance(record, dict):
+        return {k: _portable(v) for k, v in record.items() if not _absolute_path(v)}
+    if isinstance(record, list):
+        return [_portable(v) for v in record if not _absolute_path(v)]
+    return record
+
+
+def _absolute_path(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "~")) or (len(value) > 2 and value[1:3] in (":\\", ":/")))
+
+
+def _flat(facts: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested records as ``a.b.c: value`` lines."""
+    out: list[tuple[str, Any]] = []
     for key, value in facts.items():
-        if key == "training":
-            for k, v in (value or {}).items():
-                print(f"training.{k}: {v}")
-        else:
-            print(f"{key}: {value}")
+        if isinstance(value, dict) and value:
+            out += _flat(value, f"{prefix}{key}.")
+        elif not isinstance(value, dict):
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -430,7 +517,8 @@ def _add_data_command(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--workers", type=positive_int, help="tokenising processes (default: the usable CPUs)")
     build.add_argument("--val-fraction", type=_bounded(float, 0.0, 0.99), default=0.02,
                        help="share of files held out for validation, chosen by content hash")
-    build.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto")
+    build.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                       help="token id type in the shards; auto: uint16 when the vocabulary fits")
     build.add_argument("--suffix", action="append", help="file suffix to read in directories (default .py; repeatable)")
     build.add_argument("--text-field", default="text", help="field holding the text in JSONL records and Parquet rows")
     build.add_argument("--max-file-mb", type=_bounded(float, 0.0, low_open=True), default=1.0,
@@ -477,7 +565,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--ar-model", help="also serve this autoregressive model (for side-by-side races)")
     serve.add_argument("--served-model-name", help="the first model's name in the API (default: its directory name)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    serve.add_argument("--port", type=_bounded(int, 0, 65535), default=8000)
+    serve.add_argument("--port", type=_bounded(int, 0, 65535), default=8000, help="TCP port to listen on")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $UNMASK_API_KEY)")
     serve.add_argument("--max-concurrency", type=positive_int, default=8, help="requests per model decoded in one batch")
     serve.add_argument("--max-queue", type=_bounded(int, 0), default=64, help="requests per model waiting for a slot; more get 429")
@@ -489,7 +577,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--shutdown-timeout", type=_bounded(float, 0.0, 3600.0), default=10.0,
                        help="seconds in-flight requests get to finish on SIGTERM")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level")
     serve.add_argument("--allow-host", action="append", metavar="NAME",
                        help="also answer this Host header name (repeatable; '*' = any; default: the bound names)")
 
@@ -660,6 +749,10 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in TORCH_FREE:
+            from unmask import threads
+
+            threads.configure()
         COMMANDS[args.command](args)
     except UnmaskError as exc:
         print(f"unmask: error: {exc}", file=sys.stderr)
