@@ -31,7 +31,7 @@ from unmask.serve.plan import Plan, plan_chat, plan_completion, plan_fim
 from unmask.serve.render import TemplateRenderer
 from unmask.serve.respond import Responder, submit
 from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest, ModelCard, ModelList
-from unmask.serve.settings import ServedModel, ServeSettings
+from unmask.serve.settings import MODEL_ALIASES, ServedModel, ServeSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -66,7 +66,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings | None
     def pick(name: str | None) -> ServedModel:
         if name is None:
             return next(iter(models.values()))
-        served = models.get(name)
+        served = models.get(name) or models.get(MODEL_ALIASES.get(name, ""))
         if served is None:
             raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(models)}",
                            param="model", code="model_not_found")

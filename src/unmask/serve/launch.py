@@ -18,6 +18,7 @@ import uvicorn
 
 from unmask.engine import Engine
 from unmask.errors import UnmaskError
+from unmask.hub import DEFAULT_NAME
 from unmask.loading import LoadedModel, load
 from unmask.serve.app import create_app
 from unmask.serve.settings import ServedModel, ServeSettings
@@ -52,9 +53,9 @@ def serve_model(name: str, loaded: LoadedModel, max_model_len: int | None = None
 
 
 def _default_name(given: str | None) -> str:
-    """A directory's own name; a cached or Hub name as given; the embedded model's fixed name."""
+    """A directory's own name; a cached or Hub name as given; the embedded model as ``unmask list`` names it."""
     if given is None:
-        return "unmask-default"
+        return DEFAULT_NAME
     path = Path(given).expanduser()
     return path.resolve().name if path.is_dir() else given
 
