@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from serve_bench import start_server as bench_server
 
 from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest
 
@@ -71,22 +69,9 @@ def body_strategy(schema: type) -> st.SearchStrategy[bytes]:
     return st.one_of(objects, objects, objects, anything.map(lambda v: json.dumps(v).encode()), st.binary(max_size=64))
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "UNMASK_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "unmask", "serve", "--port", str(port), "--log-level", "warning",
-                             "--device", "cpu"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not come up")
+def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
+    """A server on a free loopback port (serve_bench's), CPU, default settings."""
+    return bench_server(argparse.Namespace(model=model, max_concurrency=8, device="cpu", cache="none"))
 
 
 def main() -> int:
@@ -95,7 +80,7 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=300, help="bodies per route")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    proc, url = (None, args.url) if args.url else start_server()
+    proc, url = (None, args.url) if args.url else start_server(None)
     counts: collections.Counter[int] = collections.Counter()
     bad: list[str] = []
     http = httpx.Client(timeout=60, headers={"Content-Type": "application/json"})

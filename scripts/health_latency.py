@@ -13,36 +13,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
+from serve_bench import start_server as bench_server
 
 
 def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "unmask", "serve", "--port", str(port), "--log-level", "warning", "--device", "cpu"]
-    if model:
-        cmd.insert(4, model)
-    env = {k: v for k, v in os.environ.items() if k != "UNMASK_API_KEY"}
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not come up")
+    """A server on a free loopback port (serve_bench's), CPU, default settings."""
+    return bench_server(argparse.Namespace(model=model, max_concurrency=8, device="cpu", cache="none"))
 
 
 def main() -> None:
