@@ -1,7 +1,8 @@
 """unmask: diffusion language models: train, decode, serve and measure them.
 
 ``unmask.load(path)`` returns a model and its tokenizer from a model directory (the embedded
-default model when no path is given); the rest lives in the subpackages named in DESIGN.md.
+default model when no path is given); the rest lives in the subpackages that docs/architecture.md
+describes (models, decoding, engine, serve, train, eval).
 """
 
 from typing import Any

@@ -3,7 +3,8 @@
 torch starts one OpenMP thread per CPU, and its threads spin at every barrier: when another
 process keeps a core busy, the thread sharing that core is preempted and the others wait for
 it. On a 2-core machine with a training run beside it, one forward pass of the embedded model
-took 1.1 s with torch's 2 threads and 0.075 s with 1. So the count is chosen here, in order:
+took a median of 0.37-1.1 s with torch's 2 threads and 0.04-0.075 s with 1
+(``scripts/forward_threads.py``). So the count is chosen here, in order:
 
 1. ``OMP_NUM_THREADS`` when it is set (torch reads it at start-up; it is left as it is);
 2. otherwise the physical cores this process may use (hyperthread siblings count once, a
