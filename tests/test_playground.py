@@ -48,6 +48,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tiny_ar_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """`unmask serve` with a diffusion model and an AR model; yields the base URL and the model names."""
+    yield from _serve(tiny_model_dir, tiny_ar_model_dir, tmp_path_factory)
+
+
+def _serve(tiny_model_dir: Path, tiny_ar_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -171,6 +175,32 @@ def _lane(page, model: str):
 
 def _counters(lane) -> dict[str, str]:
     return {name: lane.locator(f"[data-counter={name}]").text_content() for name in ("elapsed", "tps", "steps", "tps-step")}
+
+
+def _untruncated_names(page) -> list[str]:
+    """The lanes whose header shows the model's whole name (not cut by an ellipsis or the lane's edge)."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('#lanes .lane')].filter((lane) => {
+          const name = lane.querySelector('.lane-model');
+          const box = name.getBoundingClientRect(), head = lane.querySelector('.lane-head').getBoundingClientRect();
+          return name.scrollWidth <= name.clientWidth && box.right <= head.right && box.width > 0;
+        }).map((lane) => lane.querySelector('.lane-model').textContent)"""
+    )
+
+
+def _check_verdict(page, server: dict) -> None:
+    """The badge compares the two lanes on the time to the same text: the shorter answer's length."""
+    texts = {m: _api_text(server, "/v1/completions", {"model": m, "prompt": PROMPT, **SETTINGS})["choices"][0]["text"]
+             for m in (server["diffusion"], server["ar"])}
+    chars = min(len(t) for t in texts.values())
+    assert page.get_attribute("#lanes", "data-race-chars") == str(chars)
+    winner = page.locator("#lanes .lane.won")
+    loser = page.locator("#lanes .lane:not(.won)")
+    assert winner.locator(".badge").text_content().endswith(f"faster to {chars} chars")
+    assert loser.locator(".badge").text_content().endswith(f"slower to {chars} chars")
+    assert float(winner.get_attribute("data-race-seconds")) <= float(loser.get_attribute("data-race-seconds"))
+    assert winner.locator(".badge").get_attribute("title").startswith(f"time to the first {chars} characters")
+    assert sorted(_untruncated_names(page)) == sorted(texts), "a lane's name is cut off next to its badge"
 
 
 def _check_png(path: Path) -> None:
@@ -298,6 +328,7 @@ def test_race_runs_both_models_and_marks_a_winner(page, server, tmp_path: Path) 
         counters = _counters(lane)
         assert float(counters["elapsed"].removesuffix(" s")) > 0 and float(counters["tps"]) > 0, counters
     assert page.locator("#lanes .badge.winner:visible").count() == 1
+    _check_verdict(page, server)
     shot = tmp_path / "playground-race.png"
     page.screenshot(path=str(shot))
     _check_png(shot)
@@ -333,3 +364,67 @@ def test_html_preview_runs_sandboxed(page, server) -> None:
     assert page.frame_locator("#preview-frame").locator("#out").text_content(timeout=5_000) == "script ran"
     # An opaque origin: the generated page cannot reach the playground, nor the playground it.
     assert page.evaluate("document.querySelector('#preview-frame').contentDocument === null")
+
+
+@pytest.fixture(scope="module")
+def mute_server(tiny_model_dir: Path, tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A second server whose AR model ends every answer at once (its logits are all zero, so greedy
+    decoding takes token 0, EOS), raced against the tiny diffusion model."""
+    import torch
+
+    from conftest import make_model_dir
+    from unmask.models.io import load_model, save_model
+
+    mute = make_model_dir(tmp_path_factory.mktemp("mute") / "an-ar-model-that-says-nothing", tiny_tokenizer, "causal")
+    model = load_model(mute, device="cpu", dtype=torch.float32)
+    assert model.config.eos_token_id == 0
+    with torch.no_grad():
+        model.norm.weight.zero_()
+    save_model(model, mute)
+    yield from _serve(tiny_model_dir, mute, tmp_path_factory)
+
+
+def test_a_lane_that_writes_nothing_does_not_win(context, mute_server) -> None:
+    page = context.new_page()
+    page.goto(mute_server["base"] + "/")
+    page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+    _set_race(page, True)
+    page.select_option("#model", mute_server["diffusion"])
+    page.select_option("#race-model", mute_server["ar"])
+    page.fill("#prompt", PROMPT)
+    _settings(page, SETTINGS)
+    _run(page)
+    mute, diffusion = _lane(page, mute_server["ar"]), _lane(page, mute_server["diffusion"])
+    assert mute.get_attribute("data-state") == "done" and mute.locator(".answer").text_content() == ""
+    assert diffusion.get_attribute("data-state") == "done"
+    assert page.locator("#lanes .badge.winner:visible").count() == 0 and page.locator("#lanes .lane.won").count() == 0
+    assert mute.locator(".badge").text_content() == "not ranked · no text"
+    assert diffusion.locator(".badge").text_content() == "no race · the other lane is not ranked"
+    assert page.get_attribute("#lanes", "data-race-chars") is None
+    assert sorted(_untruncated_names(page)) == sorted([mute_server["ar"], mute_server["diffusion"]])
+    page.close()
+
+
+def test_the_race_verdict_ranks_on_the_same_text(page) -> None:
+    """raceVerdict on made-up lanes: a lane that stopped at once is not ranked; times are read at the common length."""
+    verdicts = page.evaluate(
+        """async () => {
+          const { raceVerdict } = await import('/static/app.js');
+          const lane = (name, text, points) => ({name, text, timeTo: (n) => {
+            const hit = points.find(([, length]) => length >= n); return hit ? hit[0] : null; }});
+          return [
+            // the fast lane wrote less: compared at its length, where the other was ahead
+            raceVerdict([lane('short', 'x'.repeat(20), [[0.2, 20]]), lane('long', 'y'.repeat(60), [[0.1, 30], [0.9, 60]])]),
+            raceVerdict([lane('quick', 'ok', [[0.01, 2]]), lane('real', 'z'.repeat(40), [[0.5, 40]])]),
+            raceVerdict([lane('blank', '  \\n ', [[0.01, 4]]), lane('real', 'z'.repeat(40), [[0.5, 40]])]),
+          ];
+        }"""
+    )
+    first, stopped, blank = verdicts
+    assert first["chars"] == 20
+    assert [v["won"] for v in first["verdicts"]] == [False, True]
+    assert first["verdicts"][1]["badge"] == "winner · 2.0× faster to 20 chars"
+    assert [v["seconds"] for v in first["verdicts"]] == [0.2, 0.1]
+    assert stopped["chars"] is None and not any(v["won"] for v in stopped["verdicts"])
+    assert stopped["verdicts"][0]["badge"] == "not ranked · stopped after 2 characters"
+    assert blank["verdicts"][0]["badge"] == "not ranked · no text"

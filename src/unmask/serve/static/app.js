@@ -23,6 +23,7 @@ const EXAMPLES = {
   ],
 };
 
+const RACE_MIN_CHARS = 8; // a lane that settles less text than this (after trimming spaces) "stopped at once": not ranked
 const RACE_HINT_ONE_MODEL = "Serve a second model (unmask serve --ar-model DIR) to race diffusion against autoregression on the same prompt.";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -170,6 +171,7 @@ class Lane {
     $(".lane-kind", this.el).textContent = describeModel(model);
 
     this.text = ""; // concatenated deltas: the settled text, and at the end the final answer
+    this.settled = []; // [arrival time (ms), text length] each time the settled text grew: the race's clock
     this.spans = []; // one span per generated position
     this.shown = []; // what each span shows: a piece, or null while masked
     this.frames = []; // {step, tokens, committed} for replay
@@ -209,7 +211,10 @@ class Lane {
     const choice = chunk.choices && chunk.choices[0];
     if (!choice) return;
     const delta = choice.text ?? (choice.delta && choice.delta.content) ?? "";
-    if (delta) this.text += delta;
+    if (delta) {
+      this.text += delta;
+      this.settled.push([performance.now(), this.text.length]);
+    }
     if (choice.canvas) this.acceptFrame(choice.canvas);
     else if (delta && !this.lastCanvas) this.drawPlain(this.text);
     if (choice.finish_reason) {
@@ -400,12 +405,78 @@ class Lane {
     this.framesDrawn = count;
   }
 
-  markWinner(ratio) {
-    const badge = $(".badge.winner", this.el);
-    badge.hidden = false;
-    badge.textContent = ratio > 1.005 ? `winner · ${ratio.toFixed(1)}× faster` : "winner";
-    this.el.classList.add("won");
+  /** Seconds from the request until the first `chars` characters of the answer had settled; null if they never did. */
+  timeTo(chars) {
+    const reached = this.settled.find(([, length]) => length >= chars);
+    return reached ? (reached[0] - this.startedAt) / 1000 : null;
   }
+
+  /** The race's verdict on this lane: a badge and, for a ranked lane, its time to the common text. */
+  showVerdict(verdict) {
+    const badge = $(".badge", this.el);
+    badge.hidden = false;
+    badge.textContent = verdict.badge;
+    badge.title = verdict.detail || "";
+    badge.classList.toggle("winner", verdict.won);
+    badge.classList.toggle("note", !verdict.won);
+    this.el.classList.toggle("won", verdict.won);
+    this.el.dataset.ranked = String(verdict.ranked);
+    if (verdict.seconds !== null) this.el.dataset.raceSeconds = String(verdict.seconds);
+  }
+}
+
+/**
+ * Who won a race, honestly. `entries`: per lane {name, text, timeTo(chars) -> seconds | null}.
+ * A lane that wrote no text, or stopped before RACE_MIN_CHARS characters, is not ranked. The
+ * ranked lanes are compared on the time each took to settle the same text: the first N
+ * characters, N the shorter answer's length. Returns per lane {badge, detail, won, ranked, seconds}
+ * and the common length `chars` (null when no comparison could be made).
+ */
+export function raceVerdict(entries) {
+  const unranked = (entry) => {
+    const written = entry.text.trim().length;
+    if (!written) return "no text";
+    if (written < RACE_MIN_CHARS) return `stopped after ${written} character${written === 1 ? "" : "s"}`;
+    return null;
+  };
+  const reasons = entries.map(unranked);
+  const ranked = entries.filter((_, i) => reasons[i] === null);
+  const verdicts = entries.map((entry, i) => ({
+    badge: reasons[i] ? `not ranked · ${reasons[i]}` : "",
+    detail: reasons[i] ? `${entry.name} is left out of the race: ${reasons[i]}` : "",
+    won: false,
+    ranked: reasons[i] === null,
+    seconds: null,
+  }));
+  if (ranked.length < 2) {
+    entries.forEach((entry, i) => {
+      if (reasons[i] === null) {
+        verdicts[i].badge = "no race · the other lane is not ranked";
+        verdicts[i].detail = "a race needs two answers with text to compare";
+      }
+    });
+    return { verdicts, chars: null };
+  }
+  const chars = Math.min(...ranked.map((entry) => entry.text.length));
+  const times = entries.map((entry, i) => (reasons[i] === null ? entry.timeTo(chars) : null));
+  if (times.some((t, i) => reasons[i] === null && t === null)) {
+    entries.forEach((_, i) => {
+      if (reasons[i] === null) verdicts[i].badge = "no race · settling times unknown";
+    });
+    return { verdicts, chars: null };
+  }
+  const order = entries.map((_, i) => i).filter((i) => reasons[i] === null).sort((a, b) => times[a] - times[b]);
+  const [first, second] = order;
+  const ratio = times[second] / Math.max(times[first], 1e-6);
+  const factor = `${ratio.toFixed(ratio < 1.1 ? 2 : ratio < 10 ? 1 : 0)}×`;
+  const detail = order.map((i) => `${entries[i].name} ${times[i].toFixed(2)} s`).join(", ");
+  for (const i of order) {
+    verdicts[i].seconds = times[i];
+    verdicts[i].detail = `time to the first ${chars} characters of the answer: ${detail}`;
+    verdicts[i].badge = i === first ? `winner · ${factor} faster to ${chars} chars` : `${factor} slower to ${chars} chars`;
+  }
+  verdicts[first].won = true;
+  return { verdicts, chars };
 }
 
 /** "diffusion" or "autoregressive" when the server says (GET /v1/models cards carry `diffusion` / `attention`). */
@@ -572,6 +643,7 @@ async function run() {
   const lanes = models.map((model) => new Lane(model, playbackMs));
   ui.lanes.replaceChildren(...lanes.map((lane) => lane.el));
   ui.lanes.classList.toggle("racing", lanes.length > 1);
+  delete ui.lanes.dataset.raceChars;
 
   if (userMessage !== null) {
     appendChatMessage({ role: "user", content: userMessage }, true);
@@ -601,8 +673,9 @@ async function run() {
 
   const finished = lanes.filter((lane) => lane.el.dataset.state === "done");
   if (lanes.length > 1 && finished.length === lanes.length) {
-    const [fastest, next] = [...lanes].sort((a, b) => a.elapsed - b.elapsed);
-    fastest.markWinner(next.elapsed / Math.max(fastest.elapsed, 1e-6));
+    const { verdicts, chars } = raceVerdict(lanes.map((lane) => ({ name: lane.model.id, text: lane.text, timeTo: (n) => lane.timeTo(n) })));
+    lanes.forEach((lane, i) => lane.showVerdict(verdicts[i]));
+    if (chars !== null) ui.lanes.dataset.raceChars = String(chars);
   }
   for (const lane of finished) offerPreview(lane, request);
 
