@@ -27,7 +27,7 @@ NATIVE_BAD = {
     "attention": 5, "mask_token_id": "3", "n_heads": 4.0, "block_size": True, "init_std": [0.02], "extra": 3,
 }
 # Within the bounds, but not what the weights hold: refused from the headers, before allocation.
-NATIVE_MISMATCH = {"vocab_size": 1 << 23, "d_ff": 1 << 19, "n_layers": 900, "max_seq_len": 64}
+NATIVE_MISMATCH = {"vocab_size": 1 << 23, "d_ff": 1 << 19, "n_layers": 900, "max_seq_len": 64, "d_model": 1 << 15}
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,20 @@ def test_a_bad_native_config_field_is_one_line(native, tmp_path, key):
 
 @pytest.mark.parametrize("key", sorted(NATIVE_MISMATCH))
 def test_native_sizes_are_checked_against_the_weight_headers_before_allocating(native, tmp_path, key):
-    directory = variant(native, tmp_path / "m", **{key: NATIVE_MISMATCH[key]})
+    extra = {"n_heads": 8} if key == "d_model" else {}  # head_dim 4096: within bounds
+    directory = variant(native, tmp_path / "m", **{key: NATIVE_MISMATCH[key]}, **extra)
     if key == "max_seq_len":  # not a weight shape: a smaller context loads
         assert load(directory, device="cpu").model.config.max_seq_len == 64
         return
-    one_line_error(directory, "model.safetensors")
+    # In a child limited to 6 GiB of address space: allocating the d_model 32768 model first (over
+    # 20 GiB) would fail there with an allocator traceback instead of the one line.
+    script = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+              "from unmask.errors import UnmaskError\nfrom unmask.loading import load\n"
+              "try:\n    load(sys.argv[1], device='cpu')\nexcept UnmaskError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.count("\n") == 1 and "model.safetensors" in proc.stdout, proc.stdout
 
 
 def test_a_not_a_number_in_config_json_is_refused(native, tmp_path):
