@@ -263,11 +263,11 @@ OUTPUT_TAIL = 4000  # characters of stdout/stderr kept in a result
 class Limits:
     """What one program may use."""
 
-    timeout: float = 5.0  # wall-clock seconds before the process group is killed
+    timeout: float = 5.0  # wall-clock seconds before the wrapper (and with it every process of the run) is killed
     memory_mb: int = 1024  # address space (RLIMIT_AS), interpreter included
     cpu_seconds: int | None = None  # RLIMIT_CPU; None = the timeout rounded up, plus one
     file_mb: int = 16  # largest file the program may write, its captured stdout/stderr included
-    processes: int = 0  # RLIMIT_NPROC: new processes/threads allowed (ignored for root)
+    processes: int = 0  # RLIMIT_NPROC: new processes/threads allowed (not enforced where programs run as root)
 
 
 @dataclass
