@@ -427,8 +427,9 @@ def main() -> None:
         print(f"  {key:70s} {value:5.2f}")
 
     report: dict[str, Any] = {
-        "command": "scripts/bench_ar.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                       if v not in (None, False) and k not in ("llama_cpp", "gguf_dir")),
+        "command": "scripts/bench_ar.py " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+            if v not in (None, False) and k not in ("llama_cpp", "gguf_dir")),
         "cpu": cpu_info(), "torch": torch.__version__, "python": platform.python_version(),
         "llama_cpp": (args.llama_cpp.parent / "VERSION").read_text().strip() if (args.llama_cpp.parent / "VERSION").is_file() else None,
         "llama_cpp_build": next((r["build"] for r in results.values() if "build" in r), None),
