@@ -40,10 +40,23 @@ def describe(path: Path, name: str) -> ModelEntry:
     try:
         config = read_json_object(path / "config.json", missing_ok=False)
         entry.family, entry.attention = _family(path, config)
-        entry.parameters = count_parameters(path)
+        entry.parameters = _delta_parameters(path) if (path / "base.json").is_file() else count_parameters(path)
+        if (path / "base.json").is_file():
+            entry.family = f"unmask, delta over {read_json_object(path / 'base.json').get('base', '?')}"
     except UnmaskError as exc:
         entry.status = str(exc)
     return entry
+
+
+def _delta_parameters(path: Path) -> int:
+    """A delta directory's whole model (its config's shape), not the factors it stores."""
+    import torch
+
+    from unmask.models.config import ModelConfig
+    from unmask.models.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(ModelConfig.load(path / "config.json")).num_params()
 
 
 def describe_gguf(path: Path, name: str) -> ModelEntry:
