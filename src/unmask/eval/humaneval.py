@@ -118,7 +118,9 @@ def evaluate(
     )
     if outputs.truncated:
         notes.append(f"{outputs.truncated} prompts were longer than the context allows and lost their beginning.")
-    notes.append(f"sandbox: network {isolation().describe()['network']}; not a security boundary (see unmask.eval.sandbox).")
+    layers = isolation().describe()
+    notes.append(f"sandbox: programs as {layers['user']}; network {layers['network']}; layers missing here: "
+                 f"{layers['missing']} (threat model: docs/evaluation.md).")
     data = {
         "metric": "pass@1",
         "model": model_facts(loaded),
