@@ -96,7 +96,7 @@ def test_export_command_writes_the_default_model(tmp_path, capsys):
     assert main(["export", "--gguf", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "llada, f32" in printed and "tokenise" in printed
-    ours, theirs = load(None, device="cpu"), load(str(out), device="cpu")
+    ours, theirs = load("coder-nano-cpu", device="cpu"), load(str(out), device="cpu")
     ids = torch.tensor([ours.tokenizer.encode("def fib(n):")])
     with torch.no_grad():
         assert torch.equal(ours.model(ids), theirs.model(ids))

@@ -25,7 +25,7 @@ PROMPTS = ["def area(w, h):\n", "def clamp(x, lo, hi):\n    ", "items = [1, 2", 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return unmask.load()
+    return unmask.load("coder-nano-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +164,13 @@ def test_a_shifted_diffusion_model_is_constrained_where_its_prediction_is_read(s
 # Greedy and sampled outputs of the shipped models for PROMPTS[:1] + ["def add(a, b):\n    ", "x = [1, 2"]
 # (12 tokens, block 4), recorded with the decoders as they were before token healing existed.
 BEFORE = {
-    ("default", 0.0): [[270, 313, 448, 15, 284, 307, 267, 284, 21, 570, 15, 284],
+    ("coder-nano-cpu", 0.0): [[270, 313, 448, 15, 284, 307, 267, 284, 21, 570, 15, 284],
                        [10, 267, 10, 267, 10, 267, 10, 267, 10, 267, 10, 267],
                        [19, 333, 19, 333, 19, 333, 19, 333, 19, 333, 19, 333]],
-    ("default", 0.8): [[270, 313, 448, 15, 284, 307, 267, 284, 21, 570, 15, 284],
+    ("coder-nano-cpu", 0.8): [[270, 313, 448, 15, 284, 307, 267, 284, 21, 570, 15, 284],
                        [387, 549, 270, 15, 95, 19, 95, 19, 463, 19, 333, 19],
                        [19, 333, 19, 333, 16, 267, 276, 354, 33, 288, 267, 354]],
-    ("default-ar", 0.0): [[313, 448, 70, 77, 15, 95, 307, 270, 95, 276, 507, 21],
+    ("coder-nano-cpu-ar", 0.0): [[313, 448, 70, 77, 15, 95, 307, 270, 95, 276, 507, 21],
                           [387, 270, 1240, 318, 749, 591, 344, 317, 749, 21, 308, 1541],
                           [19, 463, 19, 463, 19, 463, 19, 463, 19, 463, 19, 463]],
 }

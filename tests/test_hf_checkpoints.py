@@ -247,7 +247,7 @@ def test_nothing_from_the_directory_runs(ckpt, loaded) -> None:
 
 
 def test_native_directories_stay_native(tiny_model_dir: Path) -> None:
-    assert not is_hf_checkpoint(tiny_model_dir) and not is_hf_checkpoint(default_model_dir())
+    assert not is_hf_checkpoint(tiny_model_dir) and not is_hf_checkpoint(default_model_dir("coder-nano-cpu"))
 
 
 class _Payload:

@@ -154,7 +154,7 @@ def test_pull_fetches_only_safe_files_and_list_and_load_find_it(tmp_path: Path, 
     assert listed.returncode == 0, listed.stderr
     entries = {e["name"]: e for e in json.loads(listed.stdout)}
     installed = {n for n in PACKAGED if _installed(n)}  # packaged models appear when their package is there
-    assert set(entries) == {"default", "default-ar", "test-org/tiny", *installed}
+    assert set(entries) == {"default", "coder-nano-cpu", "coder-nano-cpu-ar", "test-org/tiny", *installed}
     entry = entries["test-org/tiny"]
     with safe_open(str(target / "model.safetensors"), framework="pt") as f:
         elements = sum(f.get_tensor(k).numel() for k in f.keys())

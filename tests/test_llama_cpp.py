@@ -39,7 +39,7 @@ def built() -> None:
 
 @pytest.fixture(scope="module")
 def default():
-    return load(None, device="cpu")
+    return load("coder-nano-cpu", device="cpu")
 
 
 def as_dream(model: Transformer) -> Transformer:

@@ -23,7 +23,7 @@ def test_the_api_names_the_shipped_models_as_unmask_list_does() -> None:
     listed = subprocess.run([sys.executable, "-m", "unmask", "list", "--json"], capture_output=True, text=True,
                             env=env, timeout=120, check=True)
     names = {e["name"] for e in json.loads(listed.stdout)}
-    assert {"default", "default-ar"} <= names
+    assert {"default", "coder-nano-cpu", "coder-nano-cpu-ar"} <= names
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "unmask", "serve", "--ar-model", "default-ar", "--port", str(port),
