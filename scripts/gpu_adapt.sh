@@ -2,13 +2,15 @@
 # Adapt SmolLM2-135M into the block-diffusion coder on one GPU, unattended, each call inside the
 # device tool's limits (9 minutes a command, 64 MiB of working tree a call, 16 MiB a returned file).
 #
-# The 98 MB base GGUF is larger than one call may carry, so it travels in two parts, in two calls
-# made back to back (a machine is given back 30 s after a call; files outside $OUT stay while it
-# is held):
-#     here:   bash scripts/gpu_adapt.sh split          # -> .gpu/base.part-aa, .gpu/base.part-ab (gitignored)
-#     call 1: carry [".gpu/base.part-aa", ".whl"]      command: bash scripts/gpu_adapt.sh stage
-#     call 2: carry [".gpu/base.part-ab", ".whl"]      command: bash scripts/gpu_adapt.sh train $OUT
-#     call 3+ (optional, while the machine is held):   command: bash scripts/gpu_adapt.sh train $OUT
+# The 98 MB base GGUF is larger than one call may carry (the whole working tree travels, 64 MiB at
+# most, and the shipped default's delta alone is 47 MiB), so: move the delta out of the checkout
+# for these calls (`mv src/unmask/assets/default/delta.safetensors /tmp/`, back afterwards), and
+# carry the base in parts, one per call, made back to back (a machine is given back 30 s after a
+# call; files outside $OUT stay while it is held):
+#     here:   bash scripts/gpu_adapt.sh split          # -> .gpu/base.part-aa, -ab, -ac, -ad (30 MiB, gitignored)
+#     calls 1-3: carry [".gpu/base.part-aX", ".gpu/base.sha256", ".whl"]   command: bash scripts/gpu_adapt.sh stage
+#     call 4: carry [".gpu/base.part-ad", ".gpu/base.sha256", ".whl"]      command: bash scripts/gpu_adapt.sh train $OUT
+#     later calls (optional, while the machine is held):                  command: bash scripts/gpu_adapt.sh train $OUT
 # `.whl` holds the gguf wheel (pure Python; `pip download --no-deps gguf==0.19.0 -d .whl`).
 # `train` reassembles and checks the base (SHA-256), builds the tokenizer and the token shards from
 # that machine's own Python (standard library and site-packages), trains configs/smollm2-coder-gpu.toml
@@ -24,11 +26,11 @@ python=${PYTHON:-python3}
 case ${1:-} in
     split)
         src=$($python -c "from unmask.hub import packaged_path; print(packaged_path('smollm2-135m'))") || exit 1
-        mkdir -p .gpu && split -b 49M "$src" .gpu/base.part- && sha256sum "$src" | cut -d' ' -f1 > .gpu/base.sha256
+        mkdir -p .gpu && split -b 30M "$src" .gpu/base.part- && sha256sum "$src" | cut -d' ' -f1 > .gpu/base.sha256
         grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
         ls -l .gpu; exit 0 ;;
     stage)
-        mkdir -p "$stage" && cp .gpu/base.part-* "$stage"/ && ls -l "$stage"; exit 0 ;;
+        mkdir -p "$stage" && cp .gpu/base.part-* .gpu/base.sha256 "$stage"/ && ls -l "$stage"; exit 0 ;;
     train) out=${2:?usage: gpu_adapt.sh train OUT_DIR} ;;
     *) echo "usage: gpu_adapt.sh split | stage | train OUT_DIR" >&2; exit 2 ;;
 esac
@@ -45,10 +47,10 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
     $python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
 } > "$out/environment.txt" 2>&1
 if [ ! -f "$base" ]; then
-    cp .gpu/base.part-* "$stage"/ 2>/dev/null
+    cp .gpu/base.part-* .gpu/base.sha256 "$stage"/ 2>/dev/null
     cat "$stage"/base.part-* > "$base" || exit 1
 fi
-[ -z "$sha" ] && [ -f .gpu/base.sha256 ] && sha=$(cat .gpu/base.sha256)
+[ -z "$sha" ] && [ -f "$stage/base.sha256" ] && sha=$(cat "$stage/base.sha256")
 if [ -n "$sha" ] && [ "$(sha256sum "$base" | cut -d' ' -f1)" != "$sha" ]; then
     echo "== $base is not the base (SHA-256 differs): are both parts there?" | tee -a "$log"; rm -f "$base"; exit 1
 fi
