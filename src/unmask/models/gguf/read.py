@@ -34,9 +34,11 @@ END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<
 
 def is_gguf(path: Path) -> bool:
     """True when ``path`` is a regular file that starts with the GGUF magic."""
+    if not path.is_file():  # never open a FIFO or a device: it could block
+        return False
     try:
         with open(path, "rb") as f:
-            return path.is_file() and f.read(4) == GGUF_MAGIC
+            return f.read(4) == GGUF_MAGIC
     except OSError:
         return False
 
