@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 
 def default_model_dir(name: str = "default") -> Path:
-    """A small model shipped inside the package: ``default`` (diffusion, used when no model is
-    named) or ``default-ar`` (its autoregressive twin)."""
+    """A model shipped inside the package: ``default`` (the adapted SmolLM2 coder, a delta over the
+    installed base, used when no model is named), or the tiny CPU pair ``coder-nano-cpu`` and
+    ``coder-nano-cpu-ar``."""
     return Path(str(resources.files("unmask") / "assets" / name))
 
 
