@@ -100,8 +100,8 @@ positive_int = _bounded(int, 1)
 
 
 def _add_decoding_flags(p: argparse.ArgumentParser, default_tokens: int) -> None:
-    p.add_argument("--model", help="model directory, GGUF file or name: default, default-ar, a packaged or cached "
-                   "ORG/NAME (default: the embedded model)")
+    p.add_argument("--model", help="model directory, GGUF file or name: default, default-ar, smollm2-135m, coder-nano-cpu, "
+                   "a cached ORG/NAME (default: the embedded model)")
     p.add_argument("--max-new-tokens", type=positive_int, default=default_tokens, help="length of the canvas")
     p.add_argument("--steps", type=positive_int,
                    help="total denoising steps (default: the model's decoding.json, else one token per step)")

@@ -1,8 +1,8 @@
 """What a user means by a model name: a path, a shipped or packaged model, or a cached one.
 
 ``resolve_model(name)`` turns what a user types after ``--model`` into a model path: an existing
-directory or ``.gguf`` file, ``default`` / ``default-ar`` (the models inside this package), the
-name of a model that an installed Python package ships (``PACKAGED``, e.g. ``smollm2-135m``), or
+directory or ``.gguf`` file, ``default``, ``coder-nano-cpu`` or ``coder-nano-cpu-ar`` (inside this
+package; ``default-ar`` names the default's base, ``smollm2-135m``), the name of a model that an installed Python package ships (``PACKAGED``, e.g. ``smollm2-135m``), or
 the name of a cached model (``org/name``).
 """
 
