@@ -47,7 +47,7 @@ def test_ar_twin_shares_weights_and_reads_causally():
 def test_bad_bench_arguments_fail_cleanly():
     proc = subprocess.run([sys.executable, "-m", "unmask", "bench", "--shapes", "gpt-9"], capture_output=True, text=True, env=_env())
     assert proc.returncode == 1 and "unknown shapes" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "unmask", "bench", "--prompt-len", "300", "--gen", "300"],
+    proc = subprocess.run([sys.executable, "-m", "unmask", "bench", "--model", "coder-nano-cpu", "--prompt-len", "300", "--gen", "300"],
                           capture_output=True, text=True, env=_env())
     assert proc.returncode == 1 and "context" in proc.stderr
 
