@@ -221,7 +221,8 @@ def test_cli_and_eval_heal_by_default(shipped):
     assert on != off
 
     def cli(*flags: str) -> str:
-        args = [sys.executable, "-m", "unmask", "generate", prompt, "--max-new-tokens", "8", "--quiet", *flags]
+        args = [sys.executable, "-m", "unmask", "generate", prompt, "--model", "coder-nano-cpu", "--max-new-tokens", "8",
+                "--quiet", *flags]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
