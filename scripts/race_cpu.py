@@ -100,15 +100,12 @@ def main() -> None:
                                       block_size=model.model.config.block_size, **fields)
             run(f"diffusion, {label}", lambda ids, c=config: decode(model.model, [ids], c))
     rows = []
-    reference = None
     for label, runs in samples.items():
         seconds = statistics.median(r["seconds"] for r in runs)
         nfe, tokens = runs[0]["nfe"], runs[0]["tokens"]
-        rate = tokens / seconds
-        if label == "AR base, fast path" or (reference is None and label.startswith("AR")):
-            reference = rate if label == "AR base, fast path" else reference
         rows.append({"setting": label, "nfe": nfe, "tokens": tokens, "tokens_per_forward": tokens / nfe,
-                     "ms_per_forward": 1000 * seconds / nfe, "tokens_per_s": rate})
+                     "ms_per_forward": 1000 * seconds / nfe, "tokens_per_s": tokens / seconds})
+    reference = next(r["tokens_per_s"] for r in rows if r["setting"] == "AR base, fast path")
     peer = None
     binary, gguf = Path(args.llama_bench), resolve_model(args.base)
     if binary.is_file() and gguf.is_file():
