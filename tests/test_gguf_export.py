@@ -93,12 +93,12 @@ def test_no_llama_cpp_architecture_is_one_line(tmp_path, tiny_tokenizer):
 
 def test_export_command_writes_the_default_model(tmp_path, capsys):
     out = tmp_path / "default.gguf"
-    assert main(["export", "--gguf", str(out)]) == 0
+    assert main(["export", "coder-nano-cpu", "--gguf", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "llada, f32" in printed and "tokenise" in printed
     ours, theirs = load("coder-nano-cpu", device="cpu"), load(str(out), device="cpu")
     ids = torch.tensor([ours.tokenizer.encode("def fib(n):")])
     with torch.no_grad():
         assert torch.equal(ours.model(ids), theirs.model(ids))
-    assert main(["export", "--gguf", str(tmp_path)]) == 1
+    assert main(["export", "coder-nano-cpu", "--gguf", str(tmp_path)]) == 1
     assert "is a directory" in capsys.readouterr().err
