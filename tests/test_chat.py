@@ -162,6 +162,9 @@ def test_terminal_ctrl_c_stops_an_answer_and_ctrl_d_quits(tiny_model_dir: Path) 
         [sys.executable, "-m", "unmask", "chat", str(tiny_model_dir), *slow],
         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
         env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
+        # as from a terminal: a suite started in the background by a non-interactive shell
+        # inherits SIGINT ignored, and so would the chat
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(slave)
     seen = bytearray()
