@@ -133,10 +133,15 @@ def evaluate_models(
     data: dict[str, Any] = {"metric": "perplexity", "data": source, "seq_len": seq_len, "models": results}
     bounds = [r for r in results if r["objective"] != "ar"]
     exact = [r for r in results if r["objective"] == "ar"]
-    if bounds:
+    if any(r["objective"] in ("diffusion", "block") for r in bounds):
         notes.append(
             f"diffusion: exp of the ELBO, an upper bound on the true perplexity, estimated with {samples} fixed "
             "diffusion times per window (a quadrature over [eps, 1]) and fixed masking noise."
+        )
+    if any(r["objective"] == "adapt" for r in bounds):
+        notes.append(
+            f"shifted diffusion (adapt): exp of the ELBO over {samples} seeded draws per window of a mask rate and its "
+            "complementary view (every token a target once per draw), an upper bound on the true perplexity."
         )
     if exact:
         notes.append("AR: exact perplexity; each window is given the one token before it, so both score the same tokens.")
