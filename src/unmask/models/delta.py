@@ -25,7 +25,7 @@ import torch
 from unmask.errors import UnmaskError
 from unmask.files import read_json_object
 from unmask.models.config import ModelConfig
-from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, load_state, read_safetensors
+from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, filled, read_safetensors
 from unmask.models.transformer import Transformer
 
 BASE_NAME = "base.json"
@@ -117,8 +117,4 @@ def load_delta(directory: Path, device: torch.device | str = "cpu", dtype: torch
             state[key] = tensor.float()
     with torch.device("meta"):
         model = Transformer(config)
-    model = model.to_empty(device=device).to(dtype or torch.float32)
-    load_state(model, state, str(directory / DELTA_NAME))
-    if config.tie_embeddings:
-        model.head.weight = model.embed.weight
-    return model.eval()
+    return filled(model, state, str(directory / DELTA_NAME), device, dtype or torch.float32)

@@ -168,11 +168,17 @@ def load_model(
         expected.pop("head.weight", None)
     check(read_headers(weight_files(directory)), expected, set(), directory)
     state, source = read_weights(directory)
-    model = model.to_empty(device=device)
     if dtype is None:
         dtype = next(iter(state.values())).dtype if state else torch.float32
-    model = model.to(dtype)
+    return filled(model, state, source, device, dtype)
+
+
+def filled(
+    model: Transformer, state: dict[str, torch.Tensor], source: str, device: torch.device | str, dtype: torch.dtype
+) -> Transformer:
+    """A model built on the meta device, allocated on ``device`` in ``dtype`` and filled from ``state`` (checked)."""
+    model = model.to_empty(device=device).to(dtype)
     load_state(model, state, source)
-    if config.tie_embeddings:
+    if model.config.tie_embeddings:
         model.head.weight = model.embed.weight
     return model.eval()

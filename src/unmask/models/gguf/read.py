@@ -19,7 +19,7 @@ from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.gguf.arch import ARCHS, Arch, tensor_names, unpermute
 from unmask.models.gguf.vocab import bpe_backend
-from unmask.models.io import load_state
+from unmask.models.io import filled
 from unmask.models.transformer import Transformer
 from unmask.tokenizer import Tokenizer
 
@@ -252,11 +252,7 @@ def load_gguf(
     state = gguf_state(file, config, dtype)
     with torch.device("meta"):
         model = Transformer(config)
-    model = model.to_empty(device=device).to(dtype)
-    load_state(model, state, str(file.path))
-    if config.tie_embeddings:
-        model.head.weight = model.embed.weight
-    return model.eval(), tokenizer
+    return filled(model, state, str(file.path), device, dtype), tokenizer
 
 
 def gguf_summary(path: Path) -> dict[str, Any]:
