@@ -95,3 +95,32 @@ def test_errors():
         ar_generate(ar_model(), [[]], GenerationConfig(max_new_tokens=4))
     with pytest.raises(UnmaskError, match="max_seq_len"):
         ar_generate(ar_model(), [[2] * 45], GenerationConfig(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_joining_and_leaving_a_running_batch_decode_as_they_do_alone(temperature):
+    """The engine's AR batch: prompts prefilled at different steps share one cache and one forward per step."""
+    from unmask.decoding.ar import ARBatch, ARRow
+
+    model = ar_model()
+    config = GenerationConfig(max_new_tokens=10, temperature=temperature)
+    prompts = [[2 + i % 30] * (1 + i * 5 % 9) for i in range(24)]  # 1..9 tokens
+    batch, rows, widest = ARBatch(model), {}, 0
+    for step in range(200):
+        if step % 3 == 0 and len(rows) < len(prompts):  # one joins every third step, some leave each step
+            i = len(rows)
+            rows[i] = batch.add(ARRow(prompts[i], config, torch.Generator().manual_seed(i), []))
+        batch.step()
+        widest = max(widest, batch.column)
+        for row in [r for r in rows.values() if r.done]:
+            batch.remove(row)
+        if len(rows) == len(prompts) and batch.done:
+            break
+    for i, prompt in enumerate(prompts):
+        alone = ar_generate(model, [prompt], config, seeds=[i]).sequences[0]
+        assert rows[i].out == alone
+        if temperature == 0:
+            assert alone == greedy_by_recomputing(model, prompt, 10)
+    assert batch.cache is None and batch.column == 0  # everyone left: nothing is kept
+    # ~80 steps ran; the columns no running row uses are dropped, so the cache spans one lifetime or so
+    assert widest <= 9 + 10 + 9

@@ -9,7 +9,7 @@ import torch
 
 from unmask.decoding import GenerationConfig, generate, infill
 from unmask.decoding.caches import BlockCache
-from unmask.decoding.generate import pad_batch
+from unmask.decoding.canvas import pad_batch
 from unmask.models.config import ModelConfig
 from unmask.models.transformer import Transformer
 

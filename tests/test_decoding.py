@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from torch import nn
 
 from unmask.decoding import GenerationConfig, StepEvent, generate, infill
-from unmask.decoding.generate import block_bounds, block_budgets, spread
+from unmask.decoding.step import block_bounds, block_budgets, spread
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.transformer import Transformer

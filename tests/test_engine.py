@@ -262,3 +262,28 @@ def test_engine_cache_is_exact_for_block_causal_models():
     finals = run_on(Engine(block_model, max_batch=3, cache="dual"), requests, stagger_s=0.002)
     for request, final in zip(requests, finals):
         assert final.tokens == solo(block_model, request).sequences[0]
+
+
+def test_static_engine_selects_on_the_device_and_equals_solo_decoding(model, monkeypatch):
+    """The static-shape path (bucketed canvases, batched on-device selection) changes no answer."""
+    import unmask.decoding.step as step
+
+    calls = []
+    real = step.select_on_device
+    monkeypatch.setattr(step, "select_on_device", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    rng = random.Random(11)
+    vocab = model.config.vocab_size
+    requests = [
+        EngineRequest(
+            [rng.randrange(8, vocab) for _ in range(rng.randint(1, 12))],
+            GenerationConfig(max_new_tokens=12, block_size=4, policy=policy, threshold=0.5),
+            seed=i,
+        )
+        for i, policy in enumerate(["threshold"] * 4 + ["confidence"] * 4)
+    ]
+    engine = Engine(model, max_batch=4, static=True)
+    finals = run_on(engine, requests, stagger_s=0.002)
+    for request, final in zip(requests, finals):
+        expected = solo(model, request)
+        assert final.tokens == expected.sequences[0] and final.steps == expected.steps[0]
+    assert calls and max(shape[0] for shape in calls) > 1  # batched selection really ran

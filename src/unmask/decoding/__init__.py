@@ -11,23 +11,21 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from unmask.decoding.ar import ar_generate
-from unmask.decoding.generate import (
-    Canvas,
-    GenerationConfig,
-    GenerationResult,
-    LogitsFn,
-    StepEvent,
-    full_forward,
-    generate,
-    infill,
-)
+from unmask.decoding.ar import ARBatch, ar_generate
+from unmask.decoding.caches import CACHES
+from unmask.decoding.canvas import Canvas, GenerationResult, LogitsFn, StepEvent, full_forward
+from unmask.decoding.config import GenerationConfig
+from unmask.decoding.generate import generate, infill
 from unmask.decoding.healing import Healing, completion_text, heal, heal_batch
 from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
 from unmask.decoding.sampling import Predictions, filter_logits, predict
+from unmask.decoding.step import DiffusionBatch
 
 __all__ = [
+    "ARBatch",
+    "CACHES",
     "Canvas",
+    "DiffusionBatch",
     "GenerationConfig",
     "GenerationResult",
     "Healing",

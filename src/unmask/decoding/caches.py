@@ -14,15 +14,13 @@ values are final once it is finished; each step recomputes only the running bloc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from unmask.decoding.canvas import Canvas
 from unmask.models.transformer import KVCache
-
-if TYPE_CHECKING:
-    from unmask.decoding.generate import Canvas
 
 CACHES = ("none", "prefix", "dual")
 
@@ -42,7 +40,7 @@ class BlockCache:
         self.since = 0  # approximate modes: steps since the last full pass, that pass included
         self.full_passes = 0  # full-canvas passes run (refreshes), for reports and tests
 
-    def __call__(self, canvas: "Canvas", rows: Tensor | None, window: slice, span: slice) -> Tensor:
+    def __call__(self, canvas: Canvas, rows: Tensor | None, window: slice, span: slice) -> Tensor:
         ids, positions = canvas.ids, canvas.positions
         valid = canvas.valid if canvas.valid is not None else torch.ones_like(ids, dtype=torch.bool)
         batch, width = ids.shape

@@ -1,20 +1,18 @@
-"""Static-shape diffusion decoding: the fast path for bidirectional models on a GPU.
+"""Static shapes: the fast path for GPUs, built on the same diffusion and AR steps as the rest.
 
-The same semi-autoregressive block decoding as ``generate`` with the dual block cache, arranged
-so that every tensor keeps its shape and nothing waits for the host inside a block:
+``FastDecoder`` runs ``unmask.decoding.step.DiffusionBatch`` arranged so that every tensor keeps
+its shape inside a block:
 - the canvas is right-padded to a bucket of ``bucket`` slots, so prompts of many lengths share
-  one shape; the KV cache is written by index from a device tensor (``cache_start`` as a tensor);
-- a block starts with one full pass (which also fills the cache) and then runs fixed-width
-  passes over the block alone; both can be captured as CUDA graphs (``compile=True`` uses
-  ``torch.compile(mode="reduce-overhead")``);
-- predictions and the policy run on the device: greedy tokens or float32 Gumbel-max with a
-  per-row device generator; confidence is ``exp(logit - logsumexp)`` in float32, no float64
-  softmax; the confidence policy's per-step counts come from the host schedule, so the only
-  host reads are once per block (is everything finished?) and, for the threshold policy, once
-  per step (is the block finished?).
-Rows of a batch move through blocks together; a row whose block is done commits nothing while
-the others finish, so its output does not depend on the batch. Greedy results equal
-``generate(..., cache="dual")``; sampled ones use another random stream.
+  one shape; the KV cache is pinned per (batch, width) and written by index from a device tensor
+  (``cache_start`` as a tensor);
+- rows move through blocks together (``lockstep``): a block starts with one full pass (which also
+  fills the cache) and then runs fixed-width passes over the block alone (the dual cache); both
+  can be captured as CUDA graphs (``compile=True`` uses ``torch.compile(mode="reduce-overhead")``);
+- predictions and the confidence/threshold policies run on the device (``select_on_device``):
+  greedy tokens or float32 Gumbel-max with a per-row device generator.
+A row whose block is done commits nothing while the others finish, so its output does not depend
+on the batch. Greedy results equal ``generate(..., cache="dual")``; sampled ones use another
+random stream. ``FastARDecoder`` is greedy AR decoding with a static one-token step.
 """
 
 from __future__ import annotations
@@ -25,28 +23,24 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from unmask.decoding.generate import (
-    GenerationConfig,
+from unmask.decoding.canvas import (
+    Canvas,
     GenerationResult,
-    block_bounds,
-    block_budgets,
-    check_heal,
-    check_prompts,
+    LogitsFn,
+    check_inputs,
     end_ids,
     finish,
     model_device,
     pad_batch,
     pad_id,
     result,
-    spread,
     stop_tensor,
 )
+from unmask.decoding.config import GenerationConfig
 from unmask.decoding.healing import UNDECIDED, Healing, Slots, restrict
-from unmask.decoding.sampling import filter_logits
+from unmask.decoding.step import DEVICE_POLICIES, DiffusionBatch, make_row
 from unmask.errors import UnmaskError
 from unmask.models.transformer import KVCache
-
-FAST_POLICIES = ("confidence", "threshold")
 
 
 def unsupported(model: nn.Module, config: GenerationConfig) -> str | None:
@@ -54,79 +48,11 @@ def unsupported(model: nn.Module, config: GenerationConfig) -> str | None:
     mc = model.config
     if mc.attention != "bidirectional":
         return f"the fast path decodes bidirectional models; this one is {mc.attention}"
-    if config.policy not in FAST_POLICIES:
-        return f"the fast path supports the policies {', '.join(FAST_POLICIES)}, not {config.policy}"
+    if config.policy not in DEVICE_POLICIES:
+        return f"the fast path supports the policies {', '.join(DEVICE_POLICIES)}, not {config.policy}"
     if mc.mask_token_id is None:
         return "diffusion decoding needs a model with mask_token_id"
     return None
-
-
-def choose(
-    logits: Tensor,
-    block: Tensor,
-    config: GenerationConfig,
-    mask_id: int,
-    count: Tensor | None,
-    steps_left: int,
-    noise: Tensor | None,
-    healing: Sequence[Slots | None] | None = None,
-) -> Tensor:
-    """The block after one step: logits [B, W, V] predict each slot of ``block`` [B, W]; ``healing``
-    constrains slots (flat index b * W + j) as ``unmask.decoding.healing.restrict`` does."""
-    b, w, v = logits.shape
-    filtered = filter_logits(
-        logits.reshape(b * w, v), temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mask_id=mask_id
-    )
-    picked: dict[int, int] = {}
-    if healing is not None:
-        flat_noise = None if noise is None else noise.reshape(b * w, v)
-
-        def pick(k: int) -> int:
-            picked[k] = int((filtered[k] if flat_noise is None else filtered[k] + flat_noise[k]).argmax())
-            return picked[k]
-
-        restrict(filtered, healing, pick)
-    filtered = filtered.view(b, w, v)
-    tokens = (filtered if noise is None else filtered + noise).argmax(dim=-1)
-    for k, token in picked.items():
-        tokens[k // w, k % w] = token
-    confidence = (filtered.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(filtered, dim=-1)).exp()
-    masked = block == mask_id
-    confidence = confidence.masked_fill(~masked, -1.0)
-    order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(w, device=block.device).expand(b, w))
-    if count is None:  # threshold: every confident one, at least one, at least what the step budget needs
-        need = (masked.sum(-1) + steps_left - 1) // steps_left
-        count = torch.maximum((confidence >= config.threshold).sum(-1), need.clamp(min=1))[:, None]
-    return torch.where((rank < count) & masked, tokens, block)
-
-
-def early_stop(region: Tensor, ends: Tensor, mask_id: int) -> Tensor:
-    """Rows whose first end token has everything before it decided: the rest becomes that token."""
-    n = region.shape[1]
-    is_end = torch.isin(region, ends)
-    first_end = torch.where(is_end.any(-1), is_end.int().argmax(-1), n)
-    masked = region == mask_id
-    first_mask = torch.where(masked.any(-1), masked.int().argmax(-1), n)
-    fill = (first_end < first_mask)[:, None] & (torch.arange(n, device=region.device) > first_end[:, None])
-    end_token = region.gather(1, first_end.clamp(max=n - 1)[:, None])
-    return torch.where(fill, end_token, region)
-
-
-def block_slots(heal: Sequence[Healing | None] | None, region: Tensor, s: int, e: int, mask_id: int) -> list[Slots | None] | None:
-    """Token-healing slots of the block [s, e) of ``region`` [B, N] for ``choose``; None (no host read)
-    once the block lies past every row's constraint."""
-    if heal is None or all(h is None or s >= len(h.removed) for h in heal):
-        return None
-    w, out = e - s, []
-    for r, (h, row) in enumerate(zip(heal, region.tolist())):
-        masked = [j for j in range(w) if row[s + j] == mask_id]
-        if h is None or not masked:
-            out.append(None)
-            continue
-        region_row = [UNDECIDED if t == mask_id else t for t in row]
-        out.append(Slots(h, region_row, [s + j for j in masked], [r * w + j for j in masked]))
-    return out
 
 
 def compiled(fn: Callable[..., Tensor], backend: str) -> Callable[..., Tensor]:
@@ -168,6 +94,37 @@ class _StaticDecoder:
         return self._caches[key]
 
 
+class StaticDualCache:
+    """The dual block cache as a ``LogitsFn`` of static shapes: a full pass over the bucketed canvas
+    when a block begins (or ``refresh`` steps later), fixed-width passes over the block between."""
+
+    def __init__(self, decoder: "FastDecoder", canvas: Canvas, refresh: int | None) -> None:
+        self.decoder, self.refresh = decoder, refresh
+        self.shift = 1 if decoder.model.config.shifted else 0
+        self.cache = decoder._cache(*canvas.ids.shape)
+        ones = torch.ones_like(canvas.ids, dtype=torch.bool)
+        self.valid = ones if canvas.valid is None else canvas.valid
+        self.block: int | None = None
+        self.since = 0
+
+    def __call__(self, canvas: Canvas, rows: Tensor | None, window: slice, span: slice) -> Tensor:
+        d, ids, positions = self.decoder, canvas.ids, canvas.positions
+        batch, width = ids.shape
+        w = window.stop - window.start
+        if self.block != span.start or (self.refresh is not None and self.since >= self.refresh):
+            self.block, self.since = span.start, 0
+            d.shapes.add(("full", batch, width))
+            index = torch.arange(window.start, window.stop, device=ids.device)
+            logits = d._full(ids, positions, self.valid, self.cache, index)
+        else:
+            lo, hi = window.start, span.stop
+            d.shapes.add(("block", batch, hi - lo))
+            slot = torch.tensor(lo, device=ids.device)
+            logits = d._block(ids[:, lo:hi], positions[:, lo:hi], self.valid[:, lo:hi], self.cache, slot, w)
+        self.since += 1
+        return logits if rows is None else logits[rows]
+
+
 class FastDecoder(_StaticDecoder):
     """Decodes batches with static shapes; keeps compiled passes per shape for reuse across calls."""
 
@@ -194,73 +151,28 @@ class FastDecoder(_StaticDecoder):
     ) -> GenerationResult:
         """``heal``: per prompt, a token-healing constraint on the first generated tokens (or None)."""
         started = time.perf_counter()
-        config.validate()
-        model, mc = self.model, self.model.config
+        model = self.model
+        check_inputs(model, prompts, config, heal=heal)
         reason = unsupported(model, config)
         if reason:
             raise UnmaskError(reason)
-        prompts = [list(p) for p in prompts]
-        mask_id, n, batch = mc.mask_token_id, config.max_new_tokens, len(prompts)
-        check_prompts(model, prompts, [n] * batch)
-        check_heal(heal, batch)
-        shift = 1 if mc.shifted else 0
-        if shift and any(not p for p in prompts):
-            raise UnmaskError("a shifted model needs a non-empty prompt (the first prediction comes from the token before it)")
         device = model_device(model)
-        pad = pad_id(mc)
-        canvas = pad_batch(prompts, n, mask_id, [[] for _ in prompts], pad, device)
-        width = canvas.ids.shape[1]
-        capacity = self._capacity(width)
-        ids = torch.full((batch, capacity), pad, dtype=torch.long, device=device)
-        ids[:, :width] = canvas.ids
-        positions = torch.arange(capacity, device=device).expand(batch, capacity).clone()
-        positions[:, :width] = canvas.positions
-        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        valid[:, :width] = True if canvas.valid is None else canvas.valid
-        cache = self._cache(batch, capacity)
-        start = canvas.start
-        ends_list = end_ids(mc, config)
-        ends = stop_tensor(ends_list, config, device)
-        gens = None
-        if config.temperature > 0:
-            base = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()))
-            gens = [torch.Generator(device=device).manual_seed(int(seeds[r] if seeds else base)) for r in range(batch)]
-        steps = torch.zeros(batch, dtype=torch.long, device=device)
-        nfe = 0
-        blocks = block_bounds(n, config.block_size or n)
-        for (s, e), budget in zip(blocks, block_budgets(blocks, n, config.steps)):
-            if not bool((ids[:, start : start + n] == mask_id).any()):
-                break  # every row ended early
-            w, lo = e - s, start + s - shift
-            index = torch.arange(lo, lo + w, device=device)
-            slot = torch.tensor(lo, device=device)
-            quotas = spread(w, budget)
-            for step in range(budget):
-                if step == 0 or (config.cache_refresh is not None and step % config.cache_refresh == 0):
-                    self.shapes.add(("full", batch, capacity))
-                    logits = self._full(ids, positions, valid, cache, index)
-                else:
-                    self.shapes.add(("block", batch, w + shift))
-                    hi = start + e
-                    logits = self._block(ids[:, lo:hi], positions[:, lo:hi], valid[:, lo:hi], cache, slot, w)
-                nfe += 1
-                block = ids[:, start + s : start + e]
-                steps += (block == mask_id).any(-1)
-                noise = None
-                if gens is not None:
-                    u = torch.stack([torch.rand((w, logits.shape[-1]), generator=g, device=device) for g in gens])
-                    noise = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-                count = None
-                if config.policy == "confidence":
-                    count = torch.tensor(quotas[step], device=device)
-                slots = block_slots(heal, ids[:, start : start + n], s, e, mask_id)
-                ids[:, start + s : start + e] = choose(logits, block, config, mask_id, count, budget - step, noise, slots)
-                if ends is not None:
-                    ids[:, start : start + n] = early_stop(ids[:, start : start + n], ends, mask_id)
-                if count is None and not bool((ids[:, start + s : start + e] == mask_id).any()):
-                    break
-        sequences, reasons = finish(ids[:, start : start + n].tolist(), ends_list, config.stop_at_eos)
-        return result(sequences, reasons, nfe, steps.tolist(), None, started)
+        base = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()))
+        gens = [torch.Generator(device=device).manual_seed(int(seeds[r] if seeds else base)) for r in range(len(prompts))]
+        batch = DiffusionBatch(
+            model, lambda canvas: StaticDualCache(self, canvas, config.cache_refresh),
+            bucket=self.bucket, lockstep=True, on_device=True,
+        )
+        heals = heal if heal is not None else [None] * len(prompts)
+        rows = [batch.add(make_row(model, p, config, g, heal=h)) for p, g, h in zip(prompts, gens, heals)]
+        policy = rows[0].policy
+        for row in rows:  # one config, one policy: the rows share the device selection
+            row.policy = policy
+        with torch.no_grad():
+            while not batch.done:
+                batch.step()
+        sequences, reasons = finish([batch.region(row) for row in rows], end_ids(model.config, config), config.stop_at_eos)
+        return result(sequences, reasons, batch.nfe, [row.steps for row in rows], None, started)
 
 
 class FastARDecoder(_StaticDecoder):
@@ -285,16 +197,12 @@ class FastARDecoder(_StaticDecoder):
     ) -> GenerationResult:
         """``heal``: per prompt, a token-healing constraint on the first generated tokens (or None)."""
         started = time.perf_counter()
-        config.validate()
         model, mc = self.model, self.model.config
+        check_inputs(model, prompts, config, heal=heal)
         if config.temperature > 0 or config.top_k or config.top_p:
             raise UnmaskError("the fast AR path decodes greedily; use ar_generate for sampling")
         prompts = [list(p) for p in prompts]
         n, batch = config.max_new_tokens, len(prompts)
-        check_prompts(model, prompts, [n] * batch)
-        check_heal(heal, batch)
-        if any(not p for p in prompts):
-            raise UnmaskError("AR decoding needs a non-empty prompt (at least a BOS token)")
         device = model_device(model)
         pad = pad_id(mc)
         canvas = pad_batch(prompts, 0, pad, [[] for _ in prompts], pad, device)

@@ -1,10 +1,11 @@
 """The request engine: one loaded model serving many requests, batched at step granularity.
 
 Requests wait in a bounded queue; a background thread admits them into the running batch
-between steps (up to ``max_batch``), runs one forward pass for all running diffusion jobs,
-lets each job commit its own picks, and streams a ``Frame`` per step and a ``Final`` per
-request back to whoever submitted it: an asyncio task (the server) or a plain thread.
-Cancelled requests leave the batch before the next step. The engine works on token ids only.
+between steps (up to ``max_batch``), runs one step for all of them (the diffusion or AR step
+that ``generate`` and ``ar_generate`` run: one forward pass, then each row's own commits), and
+streams a ``Frame`` per step and a ``Final`` per request back to whoever submitted it: an
+asyncio task (the server) or a plain thread. Finished and cancelled requests leave the batch
+before the next step. The engine works on token ids only.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import AsyncIterator, Iterator
 import torch
 from torch import nn
 
-from unmask.decoding.caches import CACHES, BlockCache
-from unmask.decoding.generate import Canvas, GenerationConfig, pad_id
+from unmask.decoding.caches import CACHES
+from unmask.decoding.config import GenerationConfig
 from unmask.decoding.healing import Healing
-from unmask.engine.jobs import ARJob, DiffusionJob
+from unmask.engine import jobs
+from unmask.engine.jobs import Job
 from unmask.errors import UnmaskError
 
 
@@ -72,7 +74,7 @@ class Handle:
 
     _serials = itertools.count()
 
-    def __init__(self, request: EngineRequest, job: DiffusionJob | ARJob) -> None:
+    def __init__(self, request: EngineRequest, job: Job) -> None:
         self.request, self.job = request, job
         self.serial = next(Handle._serials)  # unique for the process's life (an id() may be reused)
         self.submitted = time.perf_counter()
@@ -135,20 +137,6 @@ class _Stats:
     finished: Counter[str] = field(default_factory=Counter)
 
 
-def left_padded(rows: list[torch.Tensor], pad: int) -> tuple[Canvas, list[int]]:
-    """Left-pad 1-D id tensors into one canvas on their device (no copy through the host);
-    returns it with each row's padding. Positions and validity as ``decoding.pad_batch`` makes them."""
-    width = max(row.shape[0] for row in rows)
-    pads = [width - row.shape[0] for row in rows]
-    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=rows[0].device)
-    for r, (row, p) in enumerate(zip(rows, pads)):
-        ids[r, p:] = row
-        valid[r, p:] = True
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-    return Canvas(ids, positions, valid if any(pads) else None, 0, width), pads
-
-
 class Engine:
     """Serves one model; see the module docstring."""
 
@@ -160,16 +148,20 @@ class Engine:
         max_queue: int = 64,
         cache: str = "none",
         cache_refresh: int | None = None,
+        static: bool | None = None,
     ) -> None:
+        """``static``: bucketed canvas widths and on-device selection for greedy confidence/threshold
+        rows (the static-shape path); default: on a GPU, off on a CPU (where padding only costs time)."""
         if max_batch < 1 or max_queue < 0:
             raise UnmaskError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         if cache not in CACHES:
             raise UnmaskError(f"unknown cache {cache!r} (choose from {', '.join(CACHES)})")
-        # The block cache of the running batch (see decoding.caches): kept while the batch's members
-        # stay the same, started afresh (one full pass) when a request joins or leaves.
+        # The running batch; its block cache (see decoding.caches) is kept while the batch's members
+        # stay the same, and started afresh (one full pass) when a request joins or leaves.
         self.cache_mode, self.cache_refresh = cache, cache_refresh
-        self._block_cache: BlockCache | None = None
-        self._cache_members: tuple[int, ...] = ()
+        if static is None:
+            static = next(model.parameters()).device.type == "cuda"
+        self._batch = jobs.make_batch(model, cache, cache_refresh, static)
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.config = model.config
         self._cond = threading.Condition()
@@ -190,12 +182,7 @@ class Engine:
     def submit(self, request: EngineRequest) -> Handle:
         """Queue a request; raises ``QueueFull``, ``EngineClosed``, or ``UnmaskError`` for a request that cannot run."""
         seed = request.seed if request.seed is not None else request.config.seed
-        if self.config.attention == "causal":
-            if request.suffix:
-                raise UnmaskError("fill-in-the-middle needs a diffusion model; this one is autoregressive")
-            job: DiffusionJob | ARJob = ARJob(self.model, list(request.prompt), request.config, seed, request.heal)
-        else:
-            job = DiffusionJob(self.model, list(request.prompt), request.config, seed, request.suffix, request.heal)
+        job = jobs.make_job(self.model, list(request.prompt), request.config, seed, request.suffix, request.heal)
         handle = Handle(request, job)
         with self._cond:
             if not self._accepting:
@@ -263,7 +250,7 @@ class Engine:
     def _admit(self) -> None:
         """Drop cancelled requests, then move waiting ones into free batch slots (lock held)."""
         for handle in [h for h in self._running if h.cancelled]:
-            self._running.remove(handle)
+            self._leave(handle)
             self._end(handle, "cancelled")
         for handle in [h for h in self._waiting if h.cancelled]:
             self._waiting.remove(handle)
@@ -272,77 +259,69 @@ class Engine:
             handle = self._waiting.popleft()
             handle.admitted = time.perf_counter()
             self._running.append(handle)
+            self._batch.add(handle.job)  # type: ignore[arg-type]
+
+    def _leave(self, handle: Handle) -> None:
+        """Take a request out of the running batch (lock held)."""
+        self._running.remove(handle)
+        self._batch.remove(handle.job)  # type: ignore[arg-type]
 
     def _step(self, running: list[Handle]) -> None:
+        """One step of the running batch, then a frame for every request that took part."""
         try:
-            diffusion = [h for h in running if isinstance(h.job, DiffusionJob)]
-            if diffusion:
-                self._diffusion_step(diffusion)
+            passes = self._batch.nfe
+            if isinstance(self._batch, jobs.ARBatch):
+                stepped = {id(row) for row in self._batch.step()}
+                written = {h.serial: [len(h.job.out) - 1] for h in running if id(h.job) in stepped}  # type: ignore[union-attr]
+            else:  # a row took part in the step when its step count moved
+                before = {h.serial: h.job.steps for h in running}  # type: ignore[union-attr]
+                committed = self._batch.step()
+                order = {id(row): r for r, row in enumerate(self._batch.rows)}
+                written = {
+                    h.serial: committed[order[id(h.job)]].nonzero().flatten().tolist()
+                    for h in running
+                    if h.job.steps > before[h.serial]  # type: ignore[union-attr]
+                }
+            self._stats.forward_passes += self._batch.nfe - passes
             for handle in running:
-                if isinstance(handle.job, ARJob):
-                    self._after(handle, handle.job.step())
-                    self._stats.forward_passes += 1
+                if handle.serial in written:
+                    self._after(handle, written[handle.serial])
         except Exception as exc:  # a failure inside the model ends the batch, never the engine
             message = f"{type(exc).__name__}: {exc}"
             with self._cond:
                 for handle in running:
                     if handle in self._running:
-                        self._running.remove(handle)
+                        self._leave(handle)
                         self._end(handle, "error", message)
             return
         with self._cond:
             for handle in running:
                 if handle.job.done and handle in self._running:
-                    self._running.remove(handle)
                     self._end(handle, None)
-
-    def _diffusion_step(self, handles: list[Handle]) -> None:
-        """One forward pass over every running diffusion job, left-padded into one batch."""
-        jobs = [h.job for h in handles]
-        windows = [job.window() for job in jobs]  # type: ignore[union-attr]
-        canvas, pads = left_padded([job.tokens for job in jobs], pad_id(self.config))  # type: ignore[union-attr]
-        width = canvas.ids.shape[1]
-        lo = min(p + w[0] for p, w in zip(pads, windows))
-        hi = max(p + w[1] for p, w in zip(pads, windows))
-        if self.cache_mode == "none":
-            logits = self.model(canvas.ids, canvas.positions, canvas.valid, logits_index=slice(lo, hi))
-        else:
-            members = tuple(h.serial for h in handles) + (width,)
-            if self._block_cache is None or members != self._cache_members:
-                self._block_cache = BlockCache(self.model, self.cache_mode, self.cache_refresh)
-                self._cache_members = members
-            shift = 1 if self.config.shifted else 0
-            span = slice(
-                min(p + job.block_slot() for p, job in zip(pads, jobs)),  # type: ignore[union-attr]
-                max(p + w[1] + shift for p, w in zip(pads, windows)),
-            )
-            logits = self._block_cache(canvas, None, slice(lo, hi), span)
-        self._stats.forward_passes += 1
-        for r, (handle, pad, (a, b)) in enumerate(zip(handles, pads, windows)):
-            written = handle.job.advance(logits[r : r + 1, pad + a - lo : pad + b - lo])  # type: ignore[union-attr]
-            self._after(handle, written)
+                    self._leave(handle)
 
     def _after(self, handle: Handle, written: list[int]) -> None:
         self._stats.request_steps += 1
         if handle.request.frames:
             job = handle.job
-            handle._emit(Frame(job.steps, job.canvas(), written, job.mask_id))
+            handle._emit(Frame(jobs.steps(job), jobs.canvas(self._batch, job), written, jobs.undecided(self._batch)))
 
     # ------------------------------------------------------------------ endings
 
     def _end(self, handle: Handle, reason: str | None, error: str | None = None) -> None:
-        tokens, natural = handle.job.outcome()
+        """Send a request's ``Final`` (while it is still in the batch, whose canvas holds its tokens)."""
+        batch, job = self._batch, handle.job
+        tokens, natural = jobs.outcome(batch, job, self.model)
         reason = reason or natural
         if reason in ("stop", "length"):
             self._stats.tokens_generated += len(tokens)
         else:  # what was settled when the request ended: the region up to its first undecided slot
-            canvas = handle.job.canvas()
-            mask = handle.job.mask_id
+            canvas, mask = jobs.canvas(batch, job), jobs.undecided(batch)
             tokens = canvas[: canvas.index(mask)] if mask in canvas else canvas
         self._stats.finished[reason] += 1
         now = time.perf_counter()
         admitted = handle.admitted or now
-        handle._emit(Final(tokens, reason, handle.job.steps, admitted - handle.submitted, now - admitted, error))
+        handle._emit(Final(tokens, reason, jobs.steps(job), admitted - handle.submitted, now - admitted, error))
 
     def _end_all(self, reason: str) -> None:
         with self._cond:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from unmask.decoding import POLICIES, GenerationConfig
 from unmask.decoding.defaults import DecodingChoice, resolve
-from unmask.decoding.generate import end_ids
+from unmask.decoding.canvas import end_ids
 from unmask.decoding.healing import Healing, heal_batch
 from unmask.engine import EngineRequest
 from unmask.errors import UnmaskError
