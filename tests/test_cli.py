@@ -169,7 +169,7 @@ def test_every_option_is_described_and_shows_its_default() -> None:
             elif not action.help:
                 undescribed.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
 
-    walk(build_parser(), "unmask")
+    walk(build_parser(complete=True), "unmask")
     assert not undescribed, undescribed
     text = run_cli("generate", "--help", env={"COLUMNS": "400"}).stdout
     assert "length of the canvas (default: 64)" in text

@@ -26,10 +26,13 @@ import pytest
 import torch
 
 from unmask.decoding import GenerationConfig, completion_text, generate, heal, infill
+from unmask.decoding.settings import SETTINGS
 from unmask.loading import load
 from unmask.models.config import ModelConfig
 from unmask.models.io import save_model
 from unmask.models.transformer import Transformer
+
+from test_settings import probes
 
 KEY = "sk-test-unmask"
 LONG = 480  # answer tokens of a request that takes seconds (one token per step)
@@ -187,6 +190,40 @@ def test_token_healing_is_a_request_field_on_by_default(client, loaded):
                                         extra_body={**KNOBS, "token_healing": healing})
         text, _ = library_text(loaded, loaded.tokenizer.encode(prompt), knob_config(12), 4, token_healing=healing)
         assert out.choices[0].text == text
+
+
+def test_factor_is_a_request_field(client, loaded):
+    prompt = "def add(a, b):\n"
+    body = {"block_size": 8, "factor": 3.0}  # a factor alone selects the factor policy
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, seed=7, extra_body=body)
+    config = GenerationConfig(max_new_tokens=24, block_size=8, policy="factor", factor=3.0)
+    text, _ = library_text(loaded, loaded.tokenizer.encode(prompt), config, 7, token_healing=True)
+    assert out.choices[0].text == text
+    healed = heal(loaded.tokenizer, loaded.tokenizer.encode(prompt))
+    steps = generate(loaded.model, [healed.ids], config, seeds=[7], heal=[healed.heal]).steps[0]
+    assert out.model_extra["unmask"]["steps"] == steps < 24
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=4, extra_body={"factor": 3.0, "policy": "margin"})
+    assert info.value.body["param"] == "factor" and "factor policy" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("s", [s for s in SETTINGS if s.field is not None], ids=lambda s: s.field)
+def test_every_request_field_takes_what_its_flag_takes(server, s):
+    """The values just inside and just outside each declared range (``test_settings.probes``, which the
+    CLI's flags pass and refuse alike): 200, or a 400 naming the field."""
+    ok, bad = probes(s)
+    wrong_type = "1" if s.kind is not str else 1
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for value in ok:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 2, s.field: value}
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200, (s.field, value, r.text)
+    for value in [*bad, wrong_type]:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 2, s.field: value}
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60)
+        error = r.json()["error"]
+        assert r.status_code == 400 and set(error) == {"message", "type", "param", "code"}, (s.field, value, r.text)
+        assert error["param"] == s.field and error["type"] == "invalid_request_error", error
 
 
 def test_diffusing_stream_matches_plain_response(client):

@@ -12,6 +12,7 @@ import copy
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +20,12 @@ from torch import nn
 
 from unmask.decoding import GenerationConfig, decode
 from unmask.decoding.fast import FastARDecoder, FastDecoder
+from unmask.decoding.settings import SETTING
 from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.transformer import Transformer
 from unmask.threads import current as current_threads
+from unmask.tokenizer import Tokenizer
 
 # Published model shapes, built with random weights on the device (no download needed).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -31,6 +34,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "coder-nano": dict(vocab_size=12288, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, tie_embeddings=True),
     "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176),
 }
+TOKENS_PER_STEP = (1, 2, 4, 8)  # fixed tokens-per-step settings timed by default
+THRESHOLDS = (0.9, 0.7)  # threshold-policy settings timed by default
+CACHES = SETTING["cache"].choices
 
 
 @dataclass
@@ -56,6 +62,25 @@ class Row:
     tokens_per_s: float  # over the whole batch
     floor_multiple: float  # ms per forward / weight-read floor (1.0 = at the limit)
     seconds: list[float] = field(default_factory=list)  # wall time of each timed repeat
+
+
+def synthetic_prompts(vocab_size: int, batch: int, length: int) -> list[list[int]]:
+    """Distinct fixed prompts for random weights (any ids do; ids 0 and 1 are EOS and pad)."""
+    return [[2 + (7919 * (r + 1) * (i + 1)) % (vocab_size - 4) for i in range(length)] for r in range(batch)]
+
+
+def source_prompts(tokenizer: Tokenizer, batch: int, length: int) -> list[list[int]]:
+    """``batch`` rotations of the first ``length`` tokens of this file: real text, the same every run."""
+    ids = tokenizer.encode(Path(__file__).read_text())[:length]
+    return [ids[r:] + ids[:r] for r in range(batch)]
+
+
+def heldout_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    """``count`` prompts cut at even strides from unmask's own sources, which no model trained on."""
+    sources = sorted(Path(__file__).parent.rglob("*.py"))
+    ids = [t for path in sources for t in tokenizer.encode(path.read_text())]
+    stride = max((len(ids) - length) // count, 1)
+    return [ids[i * stride : i * stride + length] for i in range(count)]
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: int) -> Transformer:
@@ -116,7 +141,8 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def default_settings(gen: int, block: int, tpfs: tuple[int, ...] = (1, 2, 4, 8), thresholds: tuple[float, ...] = (0.9, 0.7)) -> list[Setting]:
+def default_settings(gen: int, block: int, tpfs: tuple[int, ...] = TOKENS_PER_STEP,
+                     thresholds: tuple[float, ...] = THRESHOLDS) -> list[Setting]:
     """Diffusion at fixed tokens-per-step with and without block caches, thresholds, the fast paths, then AR.
 
     Fixed tokens-per-step settings time a forward pass independently of what the model predicts,
@@ -127,7 +153,7 @@ def default_settings(gen: int, block: int, tpfs: tuple[int, ...] = (1, 2, 4, 8),
     base = dict(max_new_tokens=gen, block_size=block, stop_at_eos=False)
     for tpf in tpfs:
         steps = max(gen // tpf, 1)
-        for cache in ("none", "prefix", "dual"):
+        for cache in CACHES:
             if tpf == 1 and cache != "none":
                 continue
             label = f"confidence {tpf}/step" + ("" if cache == "none" else f" +{cache} cache")
@@ -245,7 +271,7 @@ def cache_agreement(
         for tpf in tpfs:
             base = dict(max_new_tokens=gen, block_size=block, steps=max(gen // tpf, 1), stop_at_eos=False)
             plain = decode(model, prompts, GenerationConfig(**base)).sequences
-            for cache in ("prefix", "dual"):
+            for cache in (c for c in CACHES if c != "none"):
                 out = decode(model, prompts, GenerationConfig(**base, cache=cache, cache_refresh=refresh)).sequences
                 same = sum(sum(a == b for a, b in zip(x, y)) for x, y in zip(plain, out))
                 total = sum(max(len(x), len(y)) for x, y in zip(plain, out))

@@ -16,12 +16,16 @@ from types import FrameType
 
 import uvicorn
 
+from unmask.decoding.settings import SETTING
 from unmask.engine import Engine
 from unmask.errors import UnmaskError
 from unmask.hub import DEFAULT_NAME
 from unmask.loading import LoadedModel, load
 from unmask.serve.app import create_app
 from unmask.serve.settings import ServedModel, ServeSettings
+
+MAX_CONCURRENCY = 8  # requests per model decoded together in one batch
+MAX_QUEUE = 64  # requests per model that may wait for a batch slot; more get 429
 
 
 @dataclass
@@ -34,20 +38,20 @@ class LaunchOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # cpu, cuda, cuda:1 or auto
-    max_concurrency: int = 8  # requests per model decoded together in one batch
-    max_queue: int = 64  # requests per model that may wait for a batch slot; more get 429
+    max_concurrency: int = MAX_CONCURRENCY
+    max_queue: int = MAX_QUEUE
     cache: str | None = None  # block KV cache of the diffusion model's running batch: none | prefix | dual; None = the model's decoding.json, else none
     cache_refresh: int | None = None  # with a cache: recompute everything every this many steps
     log_level: str = "info"
 
 
-def serve_model(name: str, loaded: LoadedModel, max_model_len: int | None = None, max_concurrency: int = 8,
-                max_queue: int = 64, cache: str | None = None, cache_refresh: int | None = None) -> ServedModel:
+def serve_model(name: str, loaded: LoadedModel, max_model_len: int | None = None, max_concurrency: int = MAX_CONCURRENCY,
+                max_queue: int = MAX_QUEUE, cache: str | None = None, cache_refresh: int | None = None) -> ServedModel:
     """Wrap a loaded model with an engine (not started yet) under ``name``; context capped at ``max_model_len``;
     ``cache`` None: the model's ``decoding.json`` says, else none."""
     context = loaded.model.config.max_seq_len
     if cache is None:
-        cache = loaded.decoding.cache or "none"
+        cache = loaded.decoding.cache or SETTING["cache"].default
     engine = Engine(loaded.model, max_batch=max_concurrency, max_queue=max_queue, cache=cache, cache_refresh=cache_refresh)
     return ServedModel(name, loaded, engine, min(context, max_model_len or context))
 

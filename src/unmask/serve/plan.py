@@ -14,22 +14,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from unmask.decoding import POLICIES, GenerationConfig
-from unmask.decoding.defaults import DecodingChoice, resolve
-from unmask.decoding.canvas import end_ids
-from unmask.decoding.healing import Healing, heal_batch
+from unmask.decoding import GenerationConfig, Healing, heal_batch
+from unmask.decoding.defaults import DecodingChoice, choose, resolve
+from unmask.decoding.generate import end_ids
+from unmask.decoding.settings import SETTING, SETTINGS, SettingError
 from unmask.engine import EngineRequest
 from unmask.errors import UnmaskError
 from unmask.serve.errors import APIError, bad_request
 from unmask.serve.render import TemplateRenderer
 from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest, GenerationFields
-from unmask.serve.settings import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_POLICY,
-    DEFAULT_THRESHOLD,
-    ServedModel,
-    ServeSettings,
-)
+from unmask.serve.settings import DEFAULT_POLICY, ServedModel, ServeSettings
 
 
 @dataclass
@@ -208,7 +202,7 @@ def _plan(
             raise bad_request(
                 f"the prompt has {longest} tokens, which leaves no room for an answer in the context of "
                 f"{served.max_len} tokens", param=param, code="context_length_exceeded")
-        asked = min(DEFAULT_MAX_TOKENS, room)
+        asked = min(SETTING["max_new_tokens"].default, room)
     elif asked > room:
         which = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         raise bad_request(
@@ -237,26 +231,19 @@ def _plan(
 
 def _generation_config(body: GenerationFields, served: ServedModel, max_tokens: int,
                        stop_ids: tuple[int, ...]) -> GenerationConfig:
-    """The request's decoding settings, with the server's defaults for what it leaves out."""
-    if body.policy is not None and body.policy not in POLICIES:
-        raise bad_request(f"unknown policy {body.policy!r}; choose from {', '.join(POLICIES)}", param="policy")
-    user = DecodingChoice(policy=body.policy, threshold=body.threshold, steps=body.steps, block_size=body.block_size)
-    fallback = DecodingChoice(policy=DEFAULT_POLICY, threshold=DEFAULT_THRESHOLD)
+    """The request's decoding settings, with the server's defaults for what it leaves out (the seed
+    goes to each choice's engine request, the cache is the engine's)."""
+    given = {s.name: getattr(body, s.field) for s in SETTINGS if s.field is not None and s.name != "seed"}
+    user, rest = choose({**given, "max_new_tokens": max_tokens})
+    fallback = DecodingChoice(policy=DEFAULT_POLICY)
     try:
         settings = resolve(user, served.decoding, fallback, served.loaded.model.config, max_tokens)
-    except UnmaskError as exc:
-        param = "block_size" if "block_size" in str(exc) else "threshold"
-        raise bad_request(f"{served.name}: {exc}", param=param) from None
-    settings.pop("cache")  # the engine's, chosen when the server started
-    temperature = body.temperature if body.temperature is not None else 0.0
+    except SettingError as exc:
+        raise bad_request(f"{served.name}: {exc}", param=SETTING[exc.setting].field) from None
+    settings.pop("cache")
+    if rest.get("top_p") == 1.0:
+        del rest["top_p"]  # the whole distribution: no filter to run
     try:
-        return GenerationConfig(
-            max_new_tokens=max_tokens,
-            **settings,
-            temperature=temperature,
-            top_k=body.top_k,
-            top_p=None if body.top_p in (None, 1.0) else body.top_p,
-            stop_ids=stop_ids,
-        )
+        return GenerationConfig(**rest, **settings, stop_ids=stop_ids)
     except UnmaskError as exc:
         raise APIError(400, str(exc)) from None

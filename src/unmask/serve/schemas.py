@@ -2,47 +2,56 @@
 
 Requests are validated strictly (no string-to-number coercion) so that wrong types are 400s
 naming the field. Unknown fields are ignored, as OpenAI-compatible servers commonly do. The
-diffusion knobs (``steps``, ``block_size``, ``policy``, ``threshold``, ``diffusing``) are extra
-optional fields; autoregressive models ignore the first four.
+decoding fields (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed`` and the diffusion
+knobs ``steps``, ``block_size``, ``policy``, ``threshold``, ``factor``) are made from the one
+declaration of the decoding settings (``unmask.decoding.settings``), with its types and bounds;
+autoregressive models ignore the diffusion knobs. ``diffusing`` asks a stream for every step.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
-MAX_SEED = 2**63 - 1
+from unmask.decoding.settings import SETTING, SETTINGS, Setting
+
+STRICT = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = STRICT
 
     include_usage: bool = False  # send a last chunk with the usage before [DONE]
 
 
-class GenerationFields(BaseModel):
-    """Fields every generating endpoint shares."""
+def request_field(setting: Setting) -> tuple[Any, FieldInfo]:
+    """A declared setting as an optional request field (None = not given): its choices as a
+    ``Literal``, its bounds as constraints, its help as the description."""
+    kind: Any = Literal[setting.choices] if setting.choices else setting.kind
+    return kind | None, Field(None, description=setting.help, **setting.bounds.pydantic())
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+
+# Every decoding setting a request may choose, under its field name (``max_tokens`` for max_new_tokens).
+DecodingFields = create_model(
+    "DecodingFields", __config__=STRICT, **{s.field: request_field(s) for s in SETTINGS if s.field is not None}
+)
+
+
+class GenerationFields(DecodingFields):  # type: ignore[misc, valid-type]
+    """Fields every generating endpoint shares: the decoding settings (``DecodingFields``; None = the
+    server's default, ``max_tokens`` cut to the context) and OpenAI's others."""
+
+    model_config = STRICT
 
     model: str | None = None  # served model name; None = the first served model
-    max_tokens: int | None = Field(None, ge=1)  # answer length (the canvas); None = default, cut to the context
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens; wins when both are given
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None = 0 (greedy)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = request_field(SETTING["max_new_tokens"])[1]  # newer name of max_tokens; wins
     n: int = Field(1, ge=1)  # choices per prompt; choice i uses seed + i
     stop: Union[str, list[str], None] = None  # strings that end the text (not included in it)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
-    # diffusion extras
-    steps: int | None = Field(None, ge=1)  # denoising steps over the answer; threshold/factor: a cap
-    block_size: int | None = Field(None, ge=1)  # semi-autoregressive block length
-    policy: str | None = None  # which predictions to commit each step
-    threshold: float | None = Field(None, ge=0.0, le=1.0)  # tau of the threshold policy (selects it)
     diffusing: bool = False  # streaming only: the whole canvas after every step
 
     @property
@@ -69,14 +78,14 @@ class CompletionRequest(GenerationFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = STRICT
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = STRICT
 
     role: str
     content: Union[str, list[TextPart], None] = None

@@ -9,9 +9,9 @@ from unmask.decoding.defaults import DecodingChoice
 from unmask.engine import Engine
 from unmask.loading import LoadedModel
 
-DEFAULT_MAX_TOKENS = 128  # answer length when a request names none (cut to the context left)
-DEFAULT_POLICY = "threshold"  # commit every prediction at least this sure, at least one per step
-DEFAULT_THRESHOLD = 0.9  # the threshold policy's tau when a request names none
+# When a request names no commit rule: every prediction at least GenerationConfig's threshold sure,
+# at least one per step (the answer's length, when it names none, is GenerationConfig's too).
+DEFAULT_POLICY = "threshold"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # Host header names a loopback server always answers
 MODEL_ALIASES = {"unmask-default": "default"}  # old names clients may still send -> the served name (the embedded model was "unmask-default")
 NORMALIZER_SLACK = 3  # text a normalizer (NFC) may shrink by this factor before it is tokenised
