@@ -15,8 +15,8 @@ import random
 from dataclasses import dataclass
 
 from unmask.decoding import GenerationConfig, Healing, heal_batch
+from unmask.decoding.canvas import end_ids
 from unmask.decoding.defaults import DecodingChoice, choose, resolve
-from unmask.decoding.generate import end_ids
 from unmask.decoding.settings import SETTING, SETTINGS, SettingError
 from unmask.engine import EngineRequest
 from unmask.errors import UnmaskError
