@@ -78,3 +78,15 @@ def test_an_index_that_misplaces_a_tensor_is_refused(tmp_path: Path, which: str)
     index_path.write_text(json.dumps(index))
     with pytest.raises(UnmaskError, match=f"{pick}.*{INDEX_NAME}"):
         load_model(tmp_path)
+
+
+def test_attention_mode_is_one_type_written_by_its_name(tmp_path):
+    """Every config holds an AttentionMode, whatever it was built from, and config.json holds its name."""
+    from unmask.models.config import AttentionMode, ModelConfig
+
+    for mode in AttentionMode:
+        cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, attention=str(mode))
+        assert cfg.attention is mode
+        cfg.save(tmp_path / "config.json")
+        assert json.loads((tmp_path / "config.json").read_text())["attention"] == mode.value
+        assert ModelConfig.load(tmp_path / "config.json").attention is mode

@@ -22,7 +22,7 @@ from unmask.decoding import GenerationConfig, decode
 from unmask.decoding.fast import FastARDecoder, FastDecoder
 from unmask.decoding.settings import SETTING
 from unmask.errors import UnmaskError
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 from unmask.models.transformer import Transformer
 from unmask.threads import current as current_threads
 from unmask.tokenizer import Tokenizer
@@ -89,7 +89,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: 
         raise UnmaskError(f"unknown shapes {shape!r} (choose from {', '.join(SHAPES)})")
     vocab = SHAPES[shape]["vocab_size"]
     config = ModelConfig(
-        **SHAPES[shape], max_seq_len=max(max_len, 64), attention="bidirectional",
+        **SHAPES[shape], max_seq_len=max(max_len, 64), attention=AttentionMode.BIDIRECTIONAL,
         mask_token_id=vocab - 1, eos_token_id=0, pad_token_id=1, init_std=0.02,
     )
     with torch.device("meta"):
@@ -111,7 +111,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: 
 def as_autoregressive(model: Transformer) -> Transformer:
     """The same weights read as a causal, shifted (AR) model: a shallow copy with another config."""
     twin = copy.copy(model)
-    twin.config = replace(model.config, attention="causal", shifted=True)
+    twin.config = replace(model.config, attention=AttentionMode.CAUSAL, shifted=True)
     return twin
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from unmask.commands import command
 from unmask.commands.flags import MODEL_HELP, add_device, add_setting, bounded, parsed, positive_int
 from unmask.errors import UnmaskError
+from unmask.models.config import AttentionMode
 
 
 def setup_arg_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -84,10 +85,10 @@ def main(args: argparse.Namespace) -> None:
         prompts = bench.source_prompts(tokenizer, args.batch, args.prompt_len)
     if max_len > model.config.max_seq_len:
         raise UnmaskError(f"--prompt-len + --gen = {max_len} exceeds the model's context of {model.config.max_seq_len}")
-    ar = bench.as_autoregressive(model) if model.config.attention != "causal" else model
+    ar = bench.as_autoregressive(model) if model.config.attention != AttentionMode.CAUSAL else model
     if args.ar_model:
         ar = load(args.ar_model, device=args.device, dtype=dtype).model
-        if ar.config.attention != "causal":
+        if ar.config.attention != AttentionMode.CAUSAL:
             raise UnmaskError(f"--ar-model {args.ar_model} is not autoregressive (attention {ar.config.attention})")
     if args.agreement:
         if tokenizer is not None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from unmask.commands import command
 from unmask.commands.flags import add_decoding, add_device, add_healing, add_model, add_view, generation_config
 from unmask.errors import UnmaskError
+from unmask.models.config import AttentionMode
 
 
 def setup_arg_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +43,7 @@ def main(args: argparse.Namespace) -> None:
     if args.command == "infill":
 
         def fill(loaded, config, on_step, healed):
-            if loaded.model.config.attention == "causal":
+            if loaded.model.config.attention == AttentionMode.CAUSAL:
                 raise UnmaskError("infill needs a diffusion model; this one is autoregressive")
             suffix = loaded.tokenizer.encode(args.suffix)
             return infill(loaded.model, [healed.ids], [suffix], config, on_step=on_step, heal=[healed.heal])

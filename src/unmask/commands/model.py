@@ -8,6 +8,7 @@ from typing import Any
 
 from unmask.commands import command
 from unmask.commands.flags import add_model, chosen_model
+from unmask.models.config import AttentionMode
 
 
 def setup_arg_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +50,7 @@ def info(args: argparse.Namespace) -> None:
         "shifted_logits": cfg.shifted,
         "training": _portable(loaded.training),
     }
-    if cfg.attention == "block":
+    if cfg.attention == AttentionMode.BLOCK:
         facts["block_size"] = cfg.block_size
     if args.json:
         print(json.dumps(facts, indent=2))

@@ -20,6 +20,7 @@ from unmask.decoding.healing import Healing, completion_text, heal, heal_batch
 from unmask.decoding.policies import POLICIES, Policy, StepPlan, make_policy
 from unmask.decoding.sampling import Predictions, filter_logits, predict
 from unmask.decoding.step import DiffusionBatch
+from unmask.models.config import AttentionMode
 
 __all__ = [
     "ARBatch",
@@ -62,6 +63,6 @@ def decode(
 
     ``heal``: per prompt, a token-healing constraint (``unmask.decoding.healing``) or None.
     """
-    if model.config.attention == "causal":
+    if model.config.attention == AttentionMode.CAUSAL:
         return ar_generate(model, prompts, config, seeds=seeds, on_step=on_step, heal=heal)
     return generate(model, prompts, config, seeds=seeds, on_step=on_step, heal=heal)

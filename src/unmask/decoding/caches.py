@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from unmask.decoding.canvas import Canvas
+from unmask.models.config import AttentionMode
 from unmask.models.transformer import KVCache
 
 CACHES = ("none", "prefix", "dual")
@@ -32,7 +33,7 @@ class BlockCache:
         if mode not in ("prefix", "dual"):
             raise ValueError(f"unknown block cache mode {mode!r}")
         self.model, self.mode, self.refresh = model, mode, refresh
-        self.exact = model.config.attention == "block"
+        self.exact = model.config.attention == AttentionMode.BLOCK
         self.shift = 1 if model.config.shifted else 0
         self.cache: KVCache | None = None
         self.block: int | None = None  # span start of the block the cache was last brought up to date for

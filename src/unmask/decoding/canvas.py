@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from unmask.errors import UnmaskError
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 
 if TYPE_CHECKING:
     from unmask.decoding.config import GenerationConfig
@@ -150,7 +150,7 @@ def check_inputs(
     prediction, ids inside the vocabulary, and each row's total length within ``max_seq_len``."""
     config.validate()
     mc = model.config
-    ar = mc.attention == "causal"
+    ar = mc.attention == AttentionMode.CAUSAL
     if ar and not mc.shifted:
         raise UnmaskError("AR decoding needs a shifted model (logit i predicts token i + 1)")
     if not ar and mc.mask_token_id is None:
@@ -158,7 +158,7 @@ def check_inputs(
     if suffixes is not None:
         if len(suffixes) != len(prompts):
             raise UnmaskError(f"got {len(prompts)} prefixes but {len(suffixes)} suffixes")
-        if any(suffixes) and mc.attention != "bidirectional":
+        if any(suffixes) and mc.attention != AttentionMode.BIDIRECTIONAL:
             kind = "autoregressive" if ar else mc.attention
             raise UnmaskError(f"fill-in-the-middle needs a bidirectional model, this one is {kind}")
     if heal is not None and len(heal) != len(prompts):

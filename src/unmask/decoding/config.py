@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unmask.decoding.caches import CACHES
+from unmask.decoding.defaults import DEFAULT_BLOCK
 from unmask.decoding.policies import POLICIES
 from unmask.errors import UnmaskError
 
@@ -14,7 +15,7 @@ class GenerationConfig:
     """How to decode; shared by diffusion and AR decoding."""
 
     max_new_tokens: int = 128  # canvas length N (for infill: the middle's length)
-    block_size: int | None = 32  # semi-AR block; None or >= N = pure diffusion (one block)
+    block_size: int | None = DEFAULT_BLOCK  # semi-AR block; None or >= N = pure diffusion (one block)
     steps: int | None = None  # total denoising steps over the canvas; None = one token per step; threshold/factor: a cap
     policy: str = "confidence"  # random | random_count | confidence | margin | entropy | threshold | factor
     threshold: float = 0.9  # tau for `threshold`

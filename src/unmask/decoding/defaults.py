@@ -22,7 +22,7 @@ from typing import Any
 
 from unmask.decoding.settings import PARAMETERS, SETTING, SettingError
 from unmask.errors import UnmaskError
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 
 DECODING_NAME = "decoding.json"
 DEFAULT_BLOCK = 32  # semi-autoregressive block when nobody names one (block-causal models: their own)
@@ -107,7 +107,7 @@ def resolve(user: DecodingChoice, model: DecodingChoice, default: DecodingChoice
     steps = rule.steps
     if steps is None and rule.tokens_per_step is not None:
         steps = max(1, math.ceil(max_new_tokens / rule.tokens_per_step))
-    if config.attention == "block":
+    if config.attention == AttentionMode.BLOCK:
         if user.block_size is not None and user.block_size != config.block_size:
             raise SettingError("block_size", f"this block-causal model decodes with block_size {config.block_size}, "
                                f"got {user.block_size}")

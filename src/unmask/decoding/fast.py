@@ -40,13 +40,14 @@ from unmask.decoding.config import GenerationConfig
 from unmask.decoding.healing import UNDECIDED, Healing, Slots, restrict
 from unmask.decoding.step import DEVICE_POLICIES, DiffusionBatch, make_row
 from unmask.errors import UnmaskError
+from unmask.models.config import AttentionMode
 from unmask.models.transformer import KVCache
 
 
 def unsupported(model: nn.Module, config: GenerationConfig) -> str | None:
     """Why the fast path cannot run this model/config (None when it can)."""
     mc = model.config
-    if mc.attention != "bidirectional":
+    if mc.attention != AttentionMode.BIDIRECTIONAL:
         return f"the fast path decodes bidirectional models; this one is {mc.attention}"
     if config.policy not in DEVICE_POLICIES:
         return f"the fast path supports the policies {', '.join(DEVICE_POLICIES)}, not {config.policy}"

@@ -35,6 +35,7 @@ from unmask.decoding.healing import Healing
 from unmask.decoding.policies import make_policy
 from unmask.decoding.step import DiffusionBatch, make_row
 from unmask.errors import UnmaskError
+from unmask.models.config import AttentionMode
 
 
 def forward_for(model: nn.Module, config: GenerationConfig) -> Callable[[Canvas], LogitsFn]:
@@ -56,7 +57,7 @@ def _decode(
 ) -> GenerationResult:
     started = time.perf_counter()
     check_inputs(model, left, config, suffixes=right, heal=heal)
-    if model.config.attention == "causal":
+    if model.config.attention == AttentionMode.CAUSAL:
         raise UnmaskError("diffusion decoding needs a diffusion model; this one is autoregressive")
     rights = right if right is not None else [[] for _ in left]
     make_forward = forward_for(model, config) if forward is None else (lambda canvas: forward)
@@ -116,7 +117,7 @@ def infill(
     The model may end the middle early with EOS/pad; those are stripped from the result. ``heal``:
     per prefix, a token-healing constraint on the middle's first tokens (or None).
     """
-    if model.config.attention != "bidirectional":
-        kind = "autoregressive" if model.config.attention == "causal" else model.config.attention
+    if model.config.attention != AttentionMode.BIDIRECTIONAL:
+        kind = "autoregressive" if model.config.attention == AttentionMode.CAUSAL else model.config.attention
         raise UnmaskError(f"fill-in-the-middle needs a bidirectional model, this one is {kind}")
     return _decode(model, [list(p) for p in prefixes], [list(s) for s in suffixes], config, seeds, on_step, forward, heal)

@@ -3,7 +3,8 @@
 A policy sees one row's candidates (the masked positions of its current block) and answers
 with a boolean mask over them. Most policies rank candidates by a score computed from the
 predictions and commit the top n, where only n differs between them. Adding a policy is adding
-a class and a ``POLICIES`` entry.
+a class and a ``POLICIES`` entry; a policy with a parameter names the ``GenerationConfig`` field
+it reads (``parameter``), and gets that field and its setting entry (``decoding.settings``).
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ class Policy(ABC):
 
     name: ClassVar[str]
     uses_predictions: ClassVar[bool] = True  # False: choose positions first, predict only those
+    parameter: ClassVar[str | None] = None  # the GenerationConfig field this policy reads, if any
 
     @classmethod
     def from_config(cls, config: Any) -> "Policy":
-        return cls()
+        return cls() if cls.parameter is None else cls(getattr(config, cls.parameter))  # type: ignore[call-arg]
 
     def score(self, pred: Predictions) -> Tensor:
         """Per-candidate score [M]; higher commits first."""
@@ -95,13 +97,10 @@ class ThresholdPolicy(Policy):
     """Fast-dLLM: commit every prediction with probability >= tau, and at least the best one."""
 
     name = "threshold"
+    parameter = "threshold"
 
     def __init__(self, tau: float = 0.9) -> None:
         self.tau = tau
-
-    @classmethod
-    def from_config(cls, config: Any) -> "Policy":
-        return cls(config.threshold)
 
     def count(self, sorted_scores: Tensor, plan: StepPlan) -> int:
         return max(int((sorted_scores >= self.tau).sum()), 1, plan.floor)
@@ -111,13 +110,10 @@ class FactorPolicy(Policy):
     """Fast-dLLM: with c1 >= c2 >= ..., commit the largest n such that (n + 1) * (1 - c_n) < f."""
 
     name = "factor"
+    parameter = "factor"
 
     def __init__(self, factor: float = 1.0) -> None:
         self.factor = factor
-
-    @classmethod
-    def from_config(cls, config: Any) -> "Policy":
-        return cls(config.factor)
 
     def count(self, sorted_scores: Tensor, plan: StepPlan) -> int:
         n = torch.arange(1, sorted_scores.shape[0] + 1, device=sorted_scores.device)

@@ -83,6 +83,11 @@ def config_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(GenerationConfig) if f.default is not dataclasses.MISSING}
 
 
+def parameter_of(name: str) -> str:
+    """The policy whose parameter the ``GenerationConfig`` field ``name`` is (its class says so)."""
+    return next(policy for policy, cls in POLICIES.items() if cls.parameter == name)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("max_new_tokens", int, "length of the canvas", Bounds(1), http="max_tokens"),
     Setting("steps", int, "total denoising steps over the canvas (with --policy threshold or factor: a cap)", Bounds(1),
@@ -90,9 +95,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("block_size", int, "semi-autoregressive block length", Bounds(1)),
     Setting("policy", str, "which predictions to commit each step", choices=tuple(POLICIES)),
     Setting("threshold", float, "commit every prediction at least this probable (tau of the threshold policy)",
-            Bounds(0.0, 1.0), policy="threshold"),
+            Bounds(0.0, 1.0), policy=parameter_of("threshold")),
     Setting("factor", float, "f of the factor policy: commit the n most probable predictions, n the largest with "
-            "(n + 1)(1 - c_n) < f", Bounds(0.0, low_open=True), policy="factor"),
+            "(n + 1)(1 - c_n) < f", Bounds(0.0, low_open=True), policy=parameter_of("factor")),
     Setting("temperature", float, "sampling temperature; 0 takes the most likely token", Bounds(0.0, 2.0)),
     Setting("top_k", int, "sample among the K most likely tokens only", Bounds(1), unset="all"),
     Setting("top_p", float, "sample among the most likely tokens that together hold probability P",

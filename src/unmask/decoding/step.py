@@ -30,6 +30,7 @@ from unmask.decoding.healing import UNDECIDED, Healing, Slots, restrict
 from unmask.decoding.policies import Policy, StepPlan, make_policy
 from unmask.decoding.sampling import Predictions, filter_logits, predict
 from unmask.errors import UnmaskError
+from unmask.models.config import AttentionMode
 
 DEVICE_POLICIES = ("confidence", "threshold")  # policies with a batched on-device selection
 
@@ -92,7 +93,7 @@ class Row:
 def block_size_for(model: nn.Module, config: GenerationConfig) -> int | None:
     """The block the schedule uses; a block-causal model decodes only with its own."""
     mc, size = model.config, config.block_size
-    if mc.attention != "block":
+    if mc.attention != AttentionMode.BLOCK:
         return size
     size = mc.block_size if size is None else size
     if size != mc.block_size:
@@ -113,7 +114,7 @@ def make_row(
     """A row's blocks, step budgets and end tokens (inputs are checked by ``canvas.check_inputs``)."""
     mc, n = model.config, config.max_new_tokens
     size = block_size_for(model, config)
-    bounds = block_bounds(n, n if size is None else size, len(prompt) if mc.attention == "block" else 0)
+    bounds = block_bounds(n, n if size is None else size, len(prompt) if mc.attention == AttentionMode.BLOCK else 0)
     ends = stop_tensor(end_ids(mc, config), config, model_device(model))
     return Row(list(prompt), list(suffix), config, policy or make_policy(config), generator, bounds,
                block_budgets(bounds, n, config.steps), ends, heal)
@@ -294,7 +295,7 @@ class DiffusionBatch:
         self.model, self.make_forward, self.bucket = model, forward, bucket
         self.lockstep, self.on_device = lockstep, on_device
         self.mask_id, self.shift = mc.mask_token_id, 1 if mc.shifted else 0
-        self.aligned = mc.block_size if mc.attention == "block" else None
+        self.aligned = mc.block_size if mc.attention == AttentionMode.BLOCK else None
         self.device, self.pad = model_device(model), pad_id(mc)
         self.rows: list[Row] = []
         self.canvas: Canvas | None = None
@@ -351,6 +352,7 @@ class DiffusionBatch:
         masked, start = self.masked, canvas.start
         running: list[int] = []
         cands: dict[int, Tensor] = {}
+        firsts: dict[int, int] = {}
         for r, row in enumerate(self.rows):
             if row.done:
                 continue
@@ -361,6 +363,7 @@ class DiffusionBatch:
                     break
                 row.block, row.step = row.block + 1, 0
             running.append(r)
+            firsts[r] = int(idx[0])
             cands[r] = idx.to(self.device)
         committed = torch.zeros(canvas.region.shape, dtype=torch.bool, device=self.device)
         if not running:
@@ -369,7 +372,9 @@ class DiffusionBatch:
             first = min(self.rows[r].block for r in running)
             running = [r for r in running if self.rows[r].block == first]
         blocks = [self.rows[r].blocks[self.rows[r].block] for r in running]
-        lo, hi = start + min(s for s, _ in blocks), start + max(e for _, e in blocks)
+        # logits from the first masked slot on (the whole block for the static path, whose widths stay put)
+        first = min(s for s, _ in blocks) if self.lockstep or self.on_device else min(firsts[r] for r in running)
+        lo, hi = start + first, start + max(e for _, e in blocks)
         span_lo = min(self._block_start(self.rows[r], s) for r, (s, _) in zip(running, blocks))
         sel = None if len(running) == len(self.rows) else torch.tensor(running, device=self.device)
         logits = self.forward(canvas, sel, slice(lo - self.shift, hi - self.shift), slice(span_lo, hi))

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from unmask.diffusion.objectives import LossOutput
 from unmask.diffusion.schedule import DEFAULT_EPS, sample_times
+from unmask.models.config import AttentionMode
 from unmask.models.transformer import Transformer
 
 
@@ -91,7 +92,7 @@ def predictions(
     config = model.config
     b, length = x0.shape
     positions = torch.arange(length, device=x0.device)
-    if config.attention != "block":
+    if config.attention != AttentionMode.BLOCK:
         ids = views.reshape(2 * b, length)
         attn = annealed_mask(length, anneal, generator, x0.device)
         source = torch.zeros(2 * b, length, dtype=torch.bool, device=x0.device)

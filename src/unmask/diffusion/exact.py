@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 from unmask.models.transformer import select_positions
 
 MAX_ENUM_LEN = 12  # longest span whose 2^L mask sets we are willing to enumerate
@@ -122,7 +122,7 @@ def exact_block_elbo(model: nn.Module, x0: Tensor, block_size: int | None = None
     """
     config = model.config
     block_size = config.block_size if block_size is None else block_size
-    if config.attention == "block" and block_size != config.block_size:
+    if config.attention == AttentionMode.BLOCK and block_size != config.block_size:
         raise ValueError(f"block_size {block_size} differs from the model's block size {config.block_size}")
     length = x0.shape[0]
     return sum(

@@ -30,6 +30,10 @@ from unmask.engine.jobs import Job
 from unmask.errors import UnmaskError
 
 
+MAX_BATCH = 8  # requests decoded together in one batch, unless told otherwise
+MAX_QUEUE = 64  # requests that may wait for a batch slot; more are refused (QueueFull)
+
+
 class QueueFull(UnmaskError):
     """The engine's waiting queue is full; the caller should retry later."""
 
@@ -144,8 +148,8 @@ class Engine:
         self,
         model: nn.Module,
         *,
-        max_batch: int = 8,
-        max_queue: int = 64,
+        max_batch: int = MAX_BATCH,
+        max_queue: int = MAX_QUEUE,
         cache: str = "none",
         cache_refresh: int | None = None,
         static: bool | None = None,

@@ -16,6 +16,7 @@ from unmask.decoding.config import GenerationConfig
 from unmask.decoding.generate import forward_for
 from unmask.decoding.healing import Healing
 from unmask.decoding.step import DiffusionBatch, Row, make_row
+from unmask.models.config import AttentionMode
 
 Job = Row | ARRow
 Batch = DiffusionBatch | ARBatch
@@ -27,7 +28,7 @@ BUCKET = 64  # canvas widths of the static-shape path are multiples of this
 def make_batch(model: nn.Module, cache: str, cache_refresh: int | None, static: bool = False) -> Batch:
     """The running batch for ``model``: AR for causal models, diffusion (with the engine's cache) otherwise;
     ``static``: bucketed canvas widths and on-device selection where the rows allow it."""
-    if model.config.attention == "causal":
+    if model.config.attention == AttentionMode.CAUSAL:
         return ARBatch(model)
     forward = forward_for(model, GenerationConfig(cache=cache, cache_refresh=cache_refresh))
     return DiffusionBatch(model, forward, bucket=BUCKET if static else None, on_device=static)
@@ -45,7 +46,7 @@ def make_job(
     suffixes = None if suffix is None else [suffix]
     check_inputs(model, [prompt], config, suffixes=suffixes, heal=None if heal is None else [heal])
     generator = row_generators(1, config, [seed])[0]
-    if model.config.attention == "causal":
+    if model.config.attention == AttentionMode.CAUSAL:
         return ARRow(list(prompt), config, generator, end_ids(model.config, config), heal)
     return make_row(model, prompt, config, generator, suffix=suffix or (), heal=heal)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from unmask.decoding import GenerationConfig, Healing, completion_text, decode, heal, infill
 from unmask.errors import UnmaskError
 from unmask.loading import LoadedModel
+from unmask.models.config import AttentionMode
 
 Progress = Callable[[int], None]  # called with the number of items just finished
 
@@ -139,7 +140,7 @@ def complete(
         jobs.append((healed.ids, None, config.max_new_tokens, healed.heal))
     out = _run(loaded, jobs, config, batch_size, progress)
     out.truncated = cut
-    out.mode = "ar" if mc.attention == "causal" else "diffusion"
+    out.mode = "ar" if mc.attention == AttentionMode.CAUSAL else "diffusion"
     return out
 
 
@@ -160,7 +161,7 @@ def fill(
     cannot, so they continue the prefix alone with the same token budget ("prefix-only").
     """
     tok, mc = loaded.tokenizer, loaded.model.config
-    both = mc.attention == "bidirectional"
+    both = mc.attention == AttentionMode.BIDIRECTIONAL
     jobs, cut = [], 0
     for prefix, suffix, n in zip(prefixes, suffixes, lengths):
         room = mc.max_seq_len - n

@@ -28,9 +28,10 @@ import torch
 from unmask.errors import UnmaskError
 from unmask.eval.report import Report, environment, model_facts
 from unmask.loading import LoadedModel
+from unmask.models.config import AttentionMode
 from unmask.models.transformer import Transformer
 
-OBJECTIVES = {"bidirectional": "diffusion", "block": "block", "causal": "ar"}
+OBJECTIVES = {AttentionMode.BIDIRECTIONAL: "diffusion", AttentionMode.BLOCK: "block", AttentionMode.CAUSAL: "ar"}
 
 
 def objective_for(model: Transformer) -> str:

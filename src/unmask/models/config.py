@@ -6,14 +6,23 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from unmask.errors import UnmaskError
 from unmask.files import read_json_object
 
-AttentionMode = Literal["bidirectional", "causal", "block"]
-ATTENTION_MODES = ("bidirectional", "causal", "block")
+class AttentionMode(StrEnum):
+    """Which keys a query may see; it decides how a model decodes. A ``str``, so that it is written to
+    and read from config files as its name, and compares equal to it."""
+
+    BIDIRECTIONAL = "bidirectional"  # every key: masked diffusion, any-order infilling
+    CAUSAL = "causal"  # keys at or before the query: an AR model, decoded token by token
+    BLOCK = "block"  # keys in the query's block or earlier ones: block diffusion, blocks aligned to positions
+
+
+ATTENTION_MODES = tuple(AttentionMode)
 
 
 # Sane upper bounds on the shapes a config.json may ask for, checked before anything is built or
@@ -53,7 +62,7 @@ class ModelConfig:
     max_seq_len: int = 512  # longest sequence (prompt + answer) the model was trained for
     rope_theta: float = 10000.0  # base of the rotary position frequencies
     norm_eps: float = 1e-5  # epsilon of every RMSNorm
-    attention: AttentionMode = "bidirectional"  # bidirectional (diffusion), causal (AR), block (block diffusion)
+    attention: AttentionMode = AttentionMode.BIDIRECTIONAL  # bidirectional (diffusion), causal (AR), block (block diffusion)
     block_size: int = 32  # block length of block-causal attention; unused by the other modes
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2-style checkpoints)
     qk_norm: bool = False  # RMSNorm on each query/key head before rotary positions (Qwen3-style checkpoints)
@@ -91,7 +100,8 @@ class ModelConfig:
             need(_positive(value), f"{name} must be a positive integer, got {value!r}")
             need(value <= limit, f"{name} {value} is beyond the largest supported ({limit})")
         need(isinstance(self.attention, str) and self.attention in ATTENTION_MODES,
-             f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+             f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        self.attention = AttentionMode(self.attention)
         for name in _FLAGS:
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")

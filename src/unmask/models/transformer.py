@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -116,18 +116,18 @@ class KVCache:
 
 
 def attention_mask(
-    mode: str, block_size: int, q_pos: Tensor, k_pos: Tensor, k_valid: Tensor | None
+    mode: AttentionMode, block_size: int, q_pos: Tensor, k_pos: Tensor, k_valid: Tensor | None
 ) -> Tensor | None:
     """Boolean mask [B, 1, Tq, Tk] (True = may attend), or None when every key is visible."""
-    if mode == "bidirectional":
+    if mode == AttentionMode.BIDIRECTIONAL:
         if k_valid is None:
             return None
         mask = k_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
-    elif mode == "causal":
+    elif mode == AttentionMode.CAUSAL:
         mask = k_pos[:, None, :] <= q_pos[:, :, None]
     else:
         mask = (k_pos[:, None, :] // block_size) <= (q_pos[:, :, None] // block_size)
-    if k_valid is not None and mode != "bidirectional":
+    if k_valid is not None and mode != AttentionMode.BIDIRECTIONAL:
         mask = mask & k_valid[:, None, :]
     # A query that may see no key at all (a padding slot) attends everywhere instead of
     # producing NaN; its output is never used.

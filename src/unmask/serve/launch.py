@@ -17,15 +17,14 @@ from types import FrameType
 import uvicorn
 
 from unmask.decoding.settings import SETTING
-from unmask.engine import Engine
+from unmask.engine import MAX_BATCH, MAX_QUEUE, Engine
 from unmask.errors import UnmaskError
 from unmask.hub import DEFAULT_NAME
 from unmask.loading import LoadedModel, load
+from unmask.models.config import AttentionMode
 from unmask.serve.app import create_app
 from unmask.serve.settings import ServedModel, ServeSettings
 
-MAX_CONCURRENCY = 8  # requests per model decoded together in one batch
-MAX_QUEUE = 64  # requests per model that may wait for a batch slot; more get 429
 
 
 @dataclass
@@ -38,14 +37,14 @@ class LaunchOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # cpu, cuda, cuda:1 or auto
-    max_concurrency: int = MAX_CONCURRENCY
+    max_concurrency: int = MAX_BATCH
     max_queue: int = MAX_QUEUE
     cache: str | None = None  # block KV cache of the diffusion model's running batch: none | prefix | dual; None = the model's decoding.json, else none
     cache_refresh: int | None = None  # with a cache: recompute everything every this many steps
     log_level: str = "info"
 
 
-def serve_model(name: str, loaded: LoadedModel, max_model_len: int | None = None, max_concurrency: int = MAX_CONCURRENCY,
+def serve_model(name: str, loaded: LoadedModel, max_model_len: int | None = None, max_concurrency: int = MAX_BATCH,
                 max_queue: int = MAX_QUEUE, cache: str | None = None, cache_refresh: int | None = None) -> ServedModel:
     """Wrap a loaded model with an engine (not started yet) under ``name``; context capped at ``max_model_len``;
     ``cache`` None: the model's ``decoding.json`` says, else none."""
@@ -75,7 +74,7 @@ def load_served(options: LaunchOptions, settings: ServeSettings) -> dict[str, Se
                                 options.cache, options.cache_refresh)}
     if options.ar_model is not None:
         ar = load(options.ar_model, device=options.device)
-        if ar.model.config.attention != "causal":
+        if ar.model.config.attention != AttentionMode.CAUSAL:
             print(f"unmask: note: --ar-model {options.ar_model} is {ar.model.config.attention}, not causal",
                   file=sys.stderr)
         ar_name = _default_name(options.ar_model)

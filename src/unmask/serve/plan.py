@@ -20,6 +20,7 @@ from unmask.decoding.defaults import DecodingChoice, choose, resolve
 from unmask.decoding.settings import SETTING, SETTINGS, SettingError
 from unmask.engine import EngineRequest
 from unmask.errors import UnmaskError
+from unmask.models.config import AttentionMode
 from unmask.serve.errors import APIError, bad_request
 from unmask.serve.render import TemplateRenderer
 from unmask.serve.schemas import ChatCompletionRequest, CompletionRequest, FimRequest, GenerationFields
@@ -95,7 +96,7 @@ def plan_chat(body: ChatCompletionRequest, served: ServedModel, settings: ServeS
 
 def plan_fim(body: FimRequest, served: ServedModel, settings: ServeSettings,
              renderer: TemplateRenderer | None = None) -> Plan:
-    if served.attention != "bidirectional":
+    if served.attention != AttentionMode.BIDIRECTIONAL:
         raise bad_request(
             f"fill-in-the-middle needs a bidirectional diffusion model; {served.name} is {served.attention}",
             param="model",
@@ -183,7 +184,7 @@ def _plan(
     stops = body.stop_strings
     if body.diffusing and not body.stream:
         raise bad_request("diffusing applies to streaming responses; set stream to true", param="diffusing")
-    if suffix and served.attention != "bidirectional":
+    if suffix and served.attention != AttentionMode.BIDIRECTIONAL:
         raise bad_request(
             f"a suffix (fill-in-the-middle) needs a bidirectional diffusion model; {served.name} is {served.attention}",
             param="suffix",

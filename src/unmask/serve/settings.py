@@ -8,6 +8,7 @@ from functools import cached_property
 from unmask.decoding.defaults import DecodingChoice
 from unmask.engine import Engine
 from unmask.loading import LoadedModel
+from unmask.models.config import AttentionMode
 
 # When a request names no commit rule: every prediction at least GenerationConfig's threshold sure,
 # at least one per step (the answer's length, when it names none, is GenerationConfig's too).
@@ -65,4 +66,4 @@ class ServedModel:
     @property
     def diffusion(self) -> bool:
         """True for masked-diffusion models; False for autoregressive ones."""
-        return self.attention != "causal"
+        return self.attention != AttentionMode.CAUSAL

@@ -29,7 +29,7 @@ from unmask.diffusion.adapt import adapt_loss
 from unmask.diffusion.objectives import ar_loss, block_diffusion_loss, compute_loss, diffusion_loss
 from unmask.diffusion.schedule import DEFAULT_EPS
 from unmask.errors import UnmaskError
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 from unmask.models.transformer import Transformer
 from unmask.train.build import BuildOptions, build_shards, tokenizer_hash
 from unmask.train.checkpoint import gather_model_state, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
@@ -119,13 +119,13 @@ def build_model_config(cfg: TrainConfig, tokenizer: Any, data: TokenData | SFTDa
             fields[key] = getattr(init, key)
         fields.setdefault("max_seq_len", init.max_seq_len)
         if objective == "adapt":
-            fields.setdefault("attention", "block")
+            fields.setdefault("attention", AttentionMode.BLOCK)
     implied = {
-        "ar": {"attention": "causal", "shifted": True},
-        "block": {"attention": "block", "shifted": False},
-        "adapt": {"attention": fields.get("attention", "block"), "shifted": True},
-    }.get(objective, {"attention": "bidirectional", "shifted": False})
-    if objective == "adapt" and implied["attention"] not in ("block", "bidirectional"):
+        "ar": {"attention": AttentionMode.CAUSAL, "shifted": True},
+        "block": {"attention": AttentionMode.BLOCK, "shifted": False},
+        "adapt": {"attention": fields.get("attention", AttentionMode.BLOCK), "shifted": True},
+    }.get(objective, {"attention": AttentionMode.BIDIRECTIONAL, "shifted": False})
+    if objective == "adapt" and implied["attention"] not in (AttentionMode.BLOCK, AttentionMode.BIDIRECTIONAL):
         raise UnmaskError(f"objective 'adapt' trains attention 'block' or 'bidirectional', not {implied['attention']!r}")
     for key, value in implied.items():
         if key in fields and fields[key] != value:

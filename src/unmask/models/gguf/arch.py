@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,11 @@ class Arch:
 ARCHS = {
     a.name: a
     for a in (
-        Arch("llama", "causal", True, True, False, False),
-        Arch("qwen2", "causal", True, False, True, False),
-        Arch("qwen3", "causal", True, False, False, True),
-        Arch("dream", "bidirectional", True, False, None, False),
-        Arch("llada", "bidirectional", False, True, False, False),
+        Arch("llama", AttentionMode.CAUSAL, True, True, False, False),
+        Arch("qwen2", AttentionMode.CAUSAL, True, False, True, False),
+        Arch("qwen3", AttentionMode.CAUSAL, True, False, False, True),
+        Arch("dream", AttentionMode.BIDIRECTIONAL, True, False, None, False),
+        Arch("llada", AttentionMode.BIDIRECTIONAL, False, True, False, False),
     )
 }
 

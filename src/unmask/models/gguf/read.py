@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 from unmask.models.gguf.arch import ARCHS, Arch, tensor_names, unpermute
 from unmask.models.gguf.vocab import bpe_backend
 from unmask.models.io import filled
@@ -143,8 +143,8 @@ def gguf_config(file: GGUFFile) -> ModelConfig:
     embedding = file.integer(f"{a}.embedding_length")
     if embedding is not None and embedding != d_model:
         raise UnmaskError(f"{file.path}: {a}.embedding_length {embedding} but token_embd has width {d_model}")
-    causal = file.get(f"{a}.attention.causal", arch.attention == "causal", bool)
-    attention = file.get("unmask.attention", "causal" if causal else "bidirectional", str)
+    causal = file.get(f"{a}.attention.causal", arch.attention == AttentionMode.CAUSAL, bool)
+    attention = file.get("unmask.attention", AttentionMode.CAUSAL if causal else AttentionMode.BIDIRECTIONAL, str)
     qkv_bias = arch.qkv_bias if arch.qkv_bias is not None else "blk.0.attn_q.bias" in file.tensors
     try:
         config = ModelConfig(

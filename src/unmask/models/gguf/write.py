@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 from unmask.models.gguf.arch import ARCHS, Arch, permute, tensor_names
 from unmask.models.gguf.vocab import CONTROL, USER_DEFINED, pre_tokenizer_name
 from unmask.tokenizer import Tokenizer
@@ -55,7 +55,7 @@ class ExportReport:
 
 def choose_arch(config: ModelConfig) -> Arch:
     """The llama.cpp architecture that computes what ``config`` computes (attention mode aside for block models)."""
-    if config.attention == "causal":
+    if config.attention == AttentionMode.CAUSAL:
         if not config.shifted:
             raise UnmaskError("a causal model with unshifted logits has no GGUF architecture")
         if config.qk_norm and config.qkv_bias:
@@ -142,21 +142,21 @@ def export_gguf(
     config: ModelConfig = model.config
     arch = choose_arch(config)
     a = arch.name
-    if arch.attention == "bidirectional" and config.mask_token_id is None and tokenizer.mask_id is None:
+    if arch.attention == AttentionMode.BIDIRECTIONAL and config.mask_token_id is None and tokenizer.mask_id is None:
         raise UnmaskError("GGUF export: a diffusion model needs a mask token (tokenizer.ggml.mask_token_id)")
     tokens, types, merges, pre = gguf_vocab(tokenizer, config.vocab_size)
     tensors, notes = _state(model, arch, dtype)
     path = Path(path)
     if path.is_dir():
         raise UnmaskError(f"{path} is a directory; give the .gguf file to write")
-    if config.attention == "block":
+    if config.attention == AttentionMode.BLOCK:
         notes.append(
             f"block-causal model (block {config.block_size}): llama.cpp has no block-causal attention and will run "
             "it bidirectionally; unmask reads unmask.attention and runs it as trained"
         )
     if config.usable_vocab is not None and config.usable_vocab < config.vocab_size:
         notes.append(f"ids >= {config.usable_vocab} are padding: unmask never predicts them, llama.cpp may")
-    if arch.attention == "bidirectional":
+    if arch.attention == AttentionMode.BIDIRECTIONAL:
         notes.append("llama.cpp does not rule out [MASK] as a prediction; unmask does")
     llama_pre = LLAMA_CPP_PRE.get(pre, pre)
     if llama_pre != pre:
@@ -185,11 +185,11 @@ def export_gguf(
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_vocab_size(config.vocab_size)
-        if arch.attention == "bidirectional":
+        if arch.attention == AttentionMode.BIDIRECTIONAL:
             writer.add_causal_attention(False)
             writer.add_diffusion_shift_logits(config.shifted)
-        if config.attention == "block":
-            writer.add_string("unmask.attention", "block")
+        if config.attention == AttentionMode.BLOCK:
+            writer.add_string("unmask.attention", AttentionMode.BLOCK)
             writer.add_uint32("unmask.block_size", config.block_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(llama_pre)

@@ -7,7 +7,7 @@ not shifted, an untied output head ``model.transformer.ff_out``.
 
 from __future__ import annotations
 
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 from unmask.models.hf.config import HFConfig
 from unmask.models.hf.family import Family
 
@@ -45,7 +45,7 @@ def model_config(cfg: HFConfig) -> ModelConfig:
         max_seq_len=cfg.integer("max_sequence_length", 4096),
         rope_theta=cfg.number("rope_theta", 10000.0),
         norm_eps=cfg.number("rms_norm_eps", 1e-5),
-        attention="bidirectional",
+        attention=AttentionMode.BIDIRECTIONAL,
         qkv_bias=cfg.flag("include_qkv_bias", False),
         tie_embeddings=cfg.flag("weight_tying", False),
         shifted=False,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from unmask.models.config import ModelConfig
+from unmask.models.config import AttentionMode, ModelConfig
 from unmask.models.hf.config import HFConfig
 from unmask.models.hf.family import Family
 
@@ -49,19 +49,19 @@ def _common(cfg: HFConfig, what: str, **fields: Any) -> ModelConfig:
 
 
 def dream_config(cfg: HFConfig) -> ModelConfig:
-    return _common(cfg, "Dream", attention="bidirectional", shifted=True, qkv_bias=True,
+    return _common(cfg, "Dream", attention=AttentionMode.BIDIRECTIONAL, shifted=True, qkv_bias=True,
                    head_dim=cfg.integer("head_dim", None))
 
 
 def fast_dllm_config(cfg: HFConfig) -> ModelConfig:
-    return _common(cfg, "Fast-dLLM v2", attention="block", shifted=True, qkv_bias=True,
+    return _common(cfg, "Fast-dLLM v2", attention=AttentionMode.BLOCK, shifted=True, qkv_bias=True,
                    block_size=cfg.integer("bd_size", FAST_DLLM_BLOCK_SIZE), head_dim=cfg.integer("head_dim", None))
 
 
 def sdar_config(cfg: HFConfig) -> ModelConfig:
     cfg.require("attention_bias", (False,), "SDAR")
     block = cfg.integer("block_size", None) or cfg.integer("bd_size", SDAR_BLOCK_SIZE)
-    return _common(cfg, "SDAR", attention="block", shifted=False, qk_norm=True, block_size=block,
+    return _common(cfg, "SDAR", attention=AttentionMode.BLOCK, shifted=False, qk_norm=True, block_size=block,
                    head_dim=cfg.integer("head_dim", None))
 
 
