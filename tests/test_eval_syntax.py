@@ -101,3 +101,16 @@ def test_eval_syntax_reports_a_bad_data_path_in_one_line(tiny_model_dir: Path, t
     captured = capsys.readouterr()
     assert code == 1 and captured.err.startswith("unmask: error:") and "missing" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_a_model_cards_training_summary_names_its_held_out_shards(tmp_path):
+    """A shipped model's training.json summarises its config as a line of text and keeps the data section
+    beside it; the held-out split is found from that section (and a missing directory is one clear error)."""
+    import pytest
+
+    from unmask.errors import UnmaskError
+    from unmask.eval.heldout import heldout_documents
+
+    summary = {"config": "configs/x.toml (stopped at step 50)", "data": {"shards": str(tmp_path / "gone")}}
+    with pytest.raises(UnmaskError, match="not here"):
+        heldout_documents(summary)

@@ -47,7 +47,10 @@ class HeldOut:
 
 
 def _record_data(training: dict[str, Any]) -> dict[str, Any]:
-    return (training.get("config") or {}).get("data") or {}
+    """The data section of a training record: the trainer's full config, or a model card's summary of it."""
+    config = training.get("config")
+    data = config.get("data") if isinstance(config, dict) else training.get("data")
+    return data if isinstance(data, dict) else {}
 
 
 def _recorded_shards(d: dict[str, Any]) -> Path:
