@@ -291,7 +291,8 @@ class DiffusionBatch:
         on_device: bool = False,
     ) -> None:
         mc = model.config
-        assert mc.mask_token_id is not None
+        if mc.mask_token_id is None:
+            raise UnmaskError("diffusion decoding needs a model with mask_token_id")
         self.model, self.make_forward, self.bucket = model, forward, bucket
         self.lockstep, self.on_device = lockstep, on_device
         self.mask_id, self.shift = mc.mask_token_id, 1 if mc.shifted else 0
