@@ -269,6 +269,25 @@ def test_completion_animates_and_ends_on_the_api_text(page, server, tmp_path: Pa
     _check_png(shot)
 
 
+def test_a_policy_parameter_field_opens_with_its_policy_and_is_sent(page, server) -> None:
+    """The factor policy's f: its field is closed until the policy is chosen, and then reaches the API."""
+    _set_race(page, False)
+    page.fill("#prompt", PROMPT)
+    _settings(page, SETTINGS)
+    assert page.is_disabled("#factor") and page.is_disabled("#threshold")
+    page.select_option("#policy", "factor")
+    assert page.is_enabled("#factor") and page.is_disabled("#threshold")
+    page.fill("#factor", "2.5")
+    _run(page)
+    lane = _lane(page, server["diffusion"])
+    assert lane.get_attribute("data-state") == "done", page.locator("#error").text_content()
+    (request,) = page.posts
+    sent = request.post_data_json
+    assert sent["policy"] == "factor" and sent["factor"] == 2.5 and "threshold" not in sent
+    body = {"model": server["diffusion"], "prompt": PROMPT, **SETTINGS, "policy": "factor", "factor": 2.5}
+    assert lane.locator(".answer").text_content() == _api_text(server, "/v1/completions", body)["choices"][0]["text"]
+
+
 def test_fill_in_the_middle_resolves_between_prefix_and_suffix(page, server, tmp_path: Path) -> None:
     prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
     page.click("[data-mode=fim]")

@@ -36,6 +36,7 @@ const ui = {
   blockSize: $("#block-size"),
   policy: $("#policy"),
   threshold: $("#threshold"),
+  factor: $("#factor"),
   temperature: $("#temperature"),
   seed: $("#seed"),
   playback: $("#playback"),
@@ -541,6 +542,7 @@ function decodingSettings() {
     block_size: numberOrNull(ui.blockSize),
     policy: ui.policy.value || null,
     threshold: ui.policy.value === "threshold" ? numberOrNull(ui.threshold) : null,
+    factor: ui.policy.value === "factor" ? numberOrNull(ui.factor) : null,
     temperature: numberOrNull(ui.temperature),
     seed: numberOrNull(ui.seed),
   };
@@ -566,7 +568,7 @@ function buildRequest() {
   return { path: ENDPOINTS.completion, body: { ...body, prompt }, before: prompt, after: "" };
 }
 
-const SAVED = ["maxTokens", "steps", "blockSize", "policy", "threshold", "temperature", "seed", "playback"];
+const SAVED = ["maxTokens", "steps", "blockSize", "policy", "threshold", "factor", "temperature", "seed", "playback"];
 
 function saveSettings() {
   const values = Object.fromEntries(SAVED.map((name) => [name, ui[name].value]));
@@ -585,7 +587,13 @@ function restoreSettings() {
     values = {};
   }
   for (const name of SAVED) if (typeof values[name] === "string") ui[name].value = values[name];
+  policyFields();
+}
+
+/** A policy's parameter field is open only while that policy is chosen. */
+function policyFields() {
   ui.threshold.disabled = ui.policy.value !== "threshold";
+  ui.factor.disabled = ui.policy.value !== "factor";
 }
 
 // ---------------------------------------------------------------------------- running
@@ -836,7 +844,7 @@ function init() {
   for (const tab of document.querySelectorAll("[data-mode]")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   ui.run.addEventListener("click", run);
   ui.stop.addEventListener("click", () => state.controller && state.controller.abort());
-  ui.policy.addEventListener("change", () => (ui.threshold.disabled = ui.policy.value !== "threshold"));
+  ui.policy.addEventListener("change", policyFields);
   ui.race.addEventListener("change", updateRaceControls);
   ui.model.addEventListener("change", updateRaceControls);
   ui.apiKey.addEventListener("change", loadModels);
