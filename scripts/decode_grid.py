@@ -21,7 +21,8 @@ from unmask.models.transformer import Transformer
 
 
 def make_model(attention: str = "bidirectional", shifted: bool = False, seed: int = 0, sharpen: float = 50.0) -> Transformer:
-    """A tiny random model with peaked predictions (so rounding never reorders near-tied candidates)."""
+    """A tiny random model with peaked predictions (so rounding never reorders near-tied candidates): the
+    one in tests/test_caches.py, built here because an older checkout's tests may not import."""
     torch.manual_seed(seed)
     config = ModelConfig(
         vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,

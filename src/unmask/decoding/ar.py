@@ -182,7 +182,7 @@ class ARBatch:
         _columns(fresh, torch.arange(len(joined), device=self.device), 0, width, merged, column - width, len(self.rows))
         for row in self.rows:
             row.first += left
-        for row, ids in zip(joined, (canvas.valid if canvas.valid is not None else valid).tolist()):
+        for row, ids in zip(joined, valid.tolist()):
             row.first = column - width + ids.index(True)
         merged.length = column
         self.cache, self.column = merged, column

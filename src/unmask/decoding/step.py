@@ -383,7 +383,7 @@ class DiffusionBatch:
         plans = [self.rows[r].plan(cands[r].numel()) for r in running]
         before = canvas.region.clone()
         if self._device_ready(running):
-            self._commit_on_device(running, logits, lo - start, plans)
+            self._commit_on_device(running, logits, plans)
         else:
             self._commit_on_host(running, logits, start - lo, cands, plans)
         region = canvas.region
@@ -450,14 +450,14 @@ class DiffusionBatch:
             for a, (pos, tokens) in zip(members, picks):
                 region[running[a], pos] = tokens
 
-    def _commit_on_device(self, running: list[int], logits: Tensor, s: int, plans: list[StepPlan]) -> None:
+    def _commit_on_device(self, running: list[int], logits: Tensor, plans: list[StepPlan]) -> None:
+        """The rows share one block [bs, be), and the step's window is exactly that block."""
         rows = [self.rows[r] for r in running]
         config, (bs, be) = rows[0].config, rows[0].blocks[rows[0].block]
         region = self.canvas.region  # type: ignore[union-attr]
         idx = torch.tensor(running, device=self.device)
         block = region[idx, bs:be]
         w = be - bs
-        logits = logits[:, bs - s : bs - s + w]
         noise = None if config.greedy else device_noise([row.generator for row in rows], w, logits.shape[-1], self.device)
         count = None
         if config.policy == "confidence":
