@@ -13,6 +13,7 @@ import torch
 
 import unmask.train.trainer as trainer
 from unmask.errors import UnmaskError
+from unmask.models.config import AttentionMode
 from unmask.models.io import load_model, read_safetensors
 from unmask.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from unmask.train.config import load_train_config
@@ -175,12 +176,19 @@ def test_optimizer_state_round_trip(tmp_path):
         ("train", "objective", "gan", "objective"),
         ("data", "seq_len", 1.5, "seq_len"),
         ("model", "n_layers", "2", "n_layers"),
+        ("model", "attention", "blocky", "one of .*'block'"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, section, key, value, match):
     path = tiny_run(tmp_path)
     with pytest.raises(UnmaskError, match=match):
         load_train_config(path, overrides={section: {key: value}})
+
+
+@pytest.mark.parametrize("mode", list(AttentionMode))
+def test_attention_is_written_by_its_name_in_a_config(tmp_path, mode):
+    cfg = load_train_config(tiny_run(tmp_path), overrides={"model": {"attention": mode.value}})
+    assert cfg.model["attention"] is mode
 
 
 def test_missing_paths_and_bad_files(tmp_path):

@@ -25,7 +25,7 @@ import torch
 from unmask.errors import UnmaskError
 from unmask.files import read_json_object
 from unmask.models.config import ModelConfig
-from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, filled, read_safetensors
+from unmask.models.io import CONFIG_NAME, FACTOR_SUFFIXES, atomic_save_file, cast_state, filled, fold_factors, read_safetensors
 from unmask.models.transformer import Transformer
 
 BASE_NAME = "base.json"
@@ -101,20 +101,10 @@ def load_delta(directory: Path, device: torch.device | str = "cpu", dtype: torch
     base = load(name, device="cpu", dtype=torch.float32).model
     state = {k: v for k, v in base.state_dict().items() if not (config.tie_embeddings and k == "head.weight")}
     delta = read_safetensors(directory / DELTA_NAME)
-    for key, tensor in delta.items():
-        if key.endswith(".delta_b"):
-            continue
-        if key.endswith(".delta_a"):
-            name = key[: -len(".delta_a")]
-            factor = delta.get(f"{name}.delta_b")
-            if name not in state or factor is None or tensor.shape[1] != factor.shape[0] or \
-                    (tensor.shape[0], factor.shape[1]) != tuple(state[name].shape):
-                raise UnmaskError(f"{directory / DELTA_NAME}: low-rank factors of {name} do not fit the base model")
-            state[name] = state[name] + tensor.float() @ factor.float()
-        elif key not in state:
+    for key in delta:
+        if not key.endswith(FACTOR_SUFFIXES) and key not in state:
             raise UnmaskError(f"{directory / DELTA_NAME}: tensor {key} is not in the base model")
-        else:
-            state[key] = tensor.float()
+    state = fold_factors({**state, **{k: v.float() for k, v in delta.items()}}, str(directory / DELTA_NAME))
     with torch.device("meta"):
         model = Transformer(config)
     return filled(model, state, str(directory / DELTA_NAME), device, dtype or torch.float32)

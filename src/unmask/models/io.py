@@ -132,6 +132,29 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UnmaskError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+FACTOR_SUFFIXES = (".delta_a", ".delta_b")
+
+
+def fold_factors(state: dict[str, torch.Tensor], source: str = "state") -> dict[str, torch.Tensor]:
+    """``state`` with each pair ``X.delta_a`` [out, r], ``X.delta_b`` [r, in] added into its weight
+    (``X`` itself, or ``X.weight`` when ``X`` names a layer): ``W + A @ B``, in W's dtype."""
+    folded = {k: v for k, v in state.items() if not k.endswith(FACTOR_SUFFIXES)}
+    for key, b in state.items():
+        if key.endswith(".delta_b") and key[: -len(".delta_b")] + ".delta_a" not in state:
+            raise UnmaskError(f"{source}: {key} has no {key[: -len('.delta_b')]}.delta_a")
+    for key, a in state.items():
+        if not key.endswith(".delta_a"):
+            continue
+        stem = key[: -len(".delta_a")]
+        target = stem if stem in folded else f"{stem}.weight"
+        b, w = state.get(f"{stem}.delta_b"), folded.get(target)
+        if b is None or w is None or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] \
+                or (a.shape[0], b.shape[1]) != tuple(w.shape):
+            raise UnmaskError(f"{source}: low-rank factors {key} do not fit a weight of the model")
+        folded[target] = (w.float() + a.float() @ b.float()).to(w.dtype)
+    return folded
+
+
 def load_state(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model`` after checking names and shapes, so a failure leaves no half-loaded model."""
     expected = {k: v for k, v in model.state_dict().items()}
@@ -166,8 +189,11 @@ def load_model(
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("head.weight", None)
-    check(read_headers(weight_files(directory)), expected, set(), directory)
+    headers = read_headers(weight_files(directory))
+    # a low-rank training checkpoint (unmask.train.lora) keeps factors beside each frozen weight
+    check(headers, expected, {name for name in headers if name.endswith(FACTOR_SUFFIXES)}, directory)
     state, source = read_weights(directory)
+    state = fold_factors(state, source)
     if dtype is None:
         dtype = next(iter(state.values())).dtype if state else torch.float32
     return filled(model, state, source, device, dtype)

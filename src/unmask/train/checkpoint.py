@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 from unmask.errors import UnmaskError
 from unmask.files import read_json_object
 from unmask.models.config import ModelConfig
-from unmask.models.io import CONFIG_NAME, atomic_save_file, cast_state, load_model, write_weights
+from unmask.models.io import CONFIG_NAME, FACTOR_SUFFIXES, atomic_save_file, cast_state, load_model, read_weights, write_weights
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -263,8 +263,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if saved.config.to_dict() != _inner(model).config.to_dict():
         raise UnmaskError(f"{path}: checkpoint model config differs from the training config")
     optim_state = read_optimizer_state(path / OPTIMIZER_NAME)
+    state = saved.state_dict()
+    if any(name.endswith(FACTOR_SUFFIXES) for name in _inner(model).state_dict()):
+        # low-rank training (unmask.train.lora): the frozen weights and their factors, unfolded
+        state = {k: v.float() for k, v in read_weights(path)[0].items()}
     try:
-        restore_state(model, optimizer, saved.state_dict(), optim_state)
+        restore_state(model, optimizer, state, optim_state)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UnmaskError(f"{path}: checkpoint does not fit this model and optimizer ({exc})") from None
     return read_json_object(path / STATE_NAME, missing_ok=False)

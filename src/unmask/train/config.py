@@ -8,8 +8,10 @@ placeholder ``{stdlib}`` in a data path stands for the running interpreter's sta
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
+import re
 import sys
 import sysconfig
 import types
@@ -27,6 +29,13 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 STDLIB_PLACEHOLDER = "{stdlib}"
+LORA_PATTERN = re.compile(r"lora:([1-9][0-9]*)")
+
+
+def lora_rank(trainable: str) -> int | None:
+    """R of ``trainable = "lora:R"`` (low-rank training, unmask.train.lora), else None."""
+    match = LORA_PATTERN.fullmatch(trainable)
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -56,7 +65,8 @@ class TrainSection:
     objective: Literal["diffusion", "sft", "block", "ar", "adapt"] = "diffusion"  # training loss (see unmask.diffusion.objectives; adapt: unmask.diffusion.adapt)
     init_from: str | None = None  # start from this AR model's weights (a name, model directory or .gguf file); its tokenizer must be the data's
     distill: float = 0.0  # adapt: weight of the KL divergence to init_from's own next-token distributions (0 = cross-entropy only)
-    trainable: str = "all"  # which weights train: "all", "no_embed" (embedding/head frozen) or "top:N" (the last N blocks and the final norm)
+    trainable: str = "all"  # which weights train: "all", "no_embed" (embedding/head frozen), "top:N" (the last N blocks and the final norm) or "lora:R" (rank-R factors of every block matrix, and the norms; see unmask.train.lora)
+    init_delta: str | None = None  # lora:R: start the factors (and norms) from this delta directory over init_from, e.g. a shipped model
     anneal_steps: int = 0  # adapt with full attention: steps over which attention opens from causal to bidirectional (0 = at once)
     steps: int = 1000  # optimizer steps to run (a later run with more steps resumes and continues)
     decay_steps: int | None = None  # length of warmup + cosine decay; None = steps (set it to split one schedule over runs)
@@ -111,7 +121,7 @@ class TrainConfig:
         keys = ("objective", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")
         # Adaptation settings count only when set, so runs from before they existed still resume.
         defaults = TrainSection()
-        adapt = {k: getattr(t, k) for k in ("init_from", "distill", "trainable", "anneal_steps") if getattr(t, k) != getattr(defaults, k)}
+        adapt = {k: getattr(t, k) for k in ("init_from", "distill", "trainable", "anneal_steps", "init_delta") if getattr(t, k) != getattr(defaults, k)}
         return {"model": dict(self.model), "seq_len": self.data.seq_len, **{k: getattr(t, k) for k in keys}, **adapt}
 
 
@@ -152,6 +162,11 @@ def check_value(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is Any:
         return value
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):  # e.g. AttentionMode, written by its name
+        try:
+            return hint(value)
+        except ValueError:
+            raise UnmaskError(f"{key}: expected one of {[m.value for m in hint]}, got {value!r}") from None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool):
@@ -236,8 +251,11 @@ def _validate(cfg: TrainConfig) -> None:
     need(0.0 <= t.distill <= 1.0, f"[train] distill must be in [0, 1], got {t.distill}")
     need(t.anneal_steps >= 0, "[train] anneal_steps must be >= 0")
     need(t.trainable in ("all", "no_embed") or (t.trainable.startswith("top:") and t.trainable[4:].isdigit()
-                                                and int(t.trainable[4:]) > 0),
-         f"[train] trainable must be 'all', 'no_embed' or 'top:N', got {t.trainable!r}")
+                                                and int(t.trainable[4:]) > 0) or lora_rank(t.trainable) is not None,
+         f"[train] trainable must be 'all', 'no_embed', 'top:N' or 'lora:R', got {t.trainable!r}")
+    need(t.init_delta is None or (lora_rank(t.trainable) is not None and t.init_from is not None),
+         "[train] init_delta needs trainable = 'lora:R' and init_from (the delta's base)")
+    need(t.init_delta is None or Path(t.init_delta).is_dir(), f"[train] init_delta {t.init_delta} is not a directory")
     need(t.objective == "adapt" or (t.distill == 0 and t.anneal_steps == 0),
          "[train] distill and anneal_steps belong to objective 'adapt'")
     need(t.objective != "adapt" or t.init_from is not None, "[train] objective 'adapt' needs init_from (an AR model)")
@@ -274,6 +292,8 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
         if getattr(data, name) is not None:
             setattr(data, name, _resolve_path(getattr(data, name), base))
     train.out_dir = _resolve_path(train.out_dir or f"runs/{path.stem}", base)
+    if train.init_delta is not None:
+        train.init_delta = _resolve_path(train.init_delta, base)
     cfg = TrainConfig(model=_check_model_table(raw.get("model", {})), data=data, train=train, source=path)
     _validate(cfg)
     return cfg

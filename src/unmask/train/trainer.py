@@ -30,11 +30,13 @@ from unmask.diffusion.objectives import ar_loss, block_diffusion_loss, compute_l
 from unmask.diffusion.schedule import DEFAULT_EPS
 from unmask.errors import UnmaskError
 from unmask.models.config import AttentionMode, ModelConfig
+from unmask.models.io import fold_factors
 from unmask.models.transformer import Transformer
 from unmask.train.build import BuildOptions, build_shards, tokenizer_hash
 from unmask.train.checkpoint import gather_model_state, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
-from unmask.train.config import TrainConfig, TrainSection, fingerprint_hash, load_train_config
+from unmask.train.config import TrainConfig, TrainSection, fingerprint_hash, load_train_config, lora_rank
 from unmask.train.corpus import corpus_files
+from unmask.train.lora import attach, start_from_delta
 from unmask.train.data import TokenData, TokenWindows, shard_data, step_torch_generator, token_files_data
 from unmask.train.distributed import (
     DistContext,
@@ -327,7 +329,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
         base.load_state_dict(init.state_dict())
         if t.distill > 0:
             teacher = init.to(device).eval().requires_grad_(False)
-    n_trainable = freeze(base, t.trainable)
+    rank = lora_rank(t.trainable)
+    if rank is None:
+        n_trainable = freeze(base, t.trainable)
+    else:
+        n_trainable = attach(base, rank, t.seed)
+        if t.init_delta is not None:
+            start_from_delta(base, t.init_delta, t.init_from)
     n_params = base.num_params()
     model = wrap_model(base, t.parallel, ctx)
     sharded = ctx.enabled and t.parallel == "fsdp"
@@ -435,6 +443,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, quiet: bool) -> Pat
         "config": cfg.to_dict(),
     }
     model_state = gather_model_state(model) if sharded else (unwrap(model).state_dict() if ctx.is_main else {})
+    if rank is not None and ctx.is_main:  # the final model is the plain one: each W + A @ B as its weight
+        model_state = fold_factors(model_state)
     final = out_dir / "final"
     if ctx.is_main:
         metrics.close()
