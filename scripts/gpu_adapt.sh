@@ -15,7 +15,7 @@
 # `train` reassembles and checks the base (SHA-256), builds the tokenizer and the token shards from
 # that machine's own Python (standard library and site-packages), trains configs/smollm2-coder-gpu.toml
 # until DEADLINE_S (default 420 s; a later call resumes from the last checkpoint), then writes the
-# model as a rank-64 delta over the base (scripts/make_delta.py) into $OUT in 15 MiB pieces:
+# model as its exact rank-80 delta over the base (scripts/make_delta.py) into $OUT in 15 MiB pieces:
 # `cat smollm2-coder.tar.part-* | tar x` gives the directory to ship, beside metrics.jsonl and the log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +80,7 @@ model="$run/final"
 if [ -n "$latest" ] || [ -d "$run/final" ]; then
     rm -rf "$stage/smollm2-coder"
     $python scripts/make_delta.py "$model" --base "$base" --name smollm2-135m --tokenizer runs/tokenizer-smollm2 \
-        --rank 64 --out "$stage/smollm2-coder" 2>&1 | tee -a "$log"
+        --rank 80 --out "$stage/smollm2-coder" 2>&1 | tee -a "$log"
     tar -C "$stage" -cf - smollm2-coder | split -b 15M - "$out/smollm2-coder.tar.part-"
 fi
 echo "== $(ls "$out" | tr '\n' ' ')" | tee -a "$log"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,17 @@ def test_bad_config_is_a_clear_error(tmp_path, section, key, value, match):
 def test_attention_is_written_by_its_name_in_a_config(tmp_path, mode):
     cfg = load_train_config(tiny_run(tmp_path), overrides={"model": {"attention": mode.value}})
     assert cfg.model["attention"] is mode
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(tmp_path, path):
+    """The configs in configs/ parse and pass every check (their data, built by commands, replaced here)."""
+    data = tomllib.loads(path.read_text()).get("data", {})
+    stand_in = {k: str(tmp_path) for k in ("shards", "tokenizer", "sft", "sft_val", "train_tokens", "val_tokens") if k in data}
+    if "paths" in data:
+        stand_in["paths"] = [str(tmp_path)]
+    cfg = load_train_config(path, overrides={"data": stand_in})
+    assert cfg.train.steps > 0 and Path(cfg.train.out_dir).is_absolute()
 
 
 def test_missing_paths_and_bad_files(tmp_path):
