@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from unmask.errors import UnmaskError
 from unmask.models.config import AttentionMode
 from unmask.models.io import load_model, read_safetensors
 from unmask.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from unmask.train.config import load_train_config
+from unmask.train.config import load_train_config, tomllib
 from unmask.train.metrics import read_metrics
 from unmask.train.trainer import make_optimizer, run_training
 
