@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--limit", default="", help="items per metric: N for every metric, or METRIC=N,... (quick runs)")
     p.add_argument("--reuse", action="store_true", help="keep results already in --out instead of running them again")
     p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"))
+    p.add_argument("--data", help="held-out data for the syntax headers of every model (a shard directory); without it a "
+                                  "model reads its own validation split, so a twin with no training record gets other headers")
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="evaluations run at once (each with --threads threads)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -97,6 +99,7 @@ def main() -> None:
             cmd += ["--model", model] if model else []
             cmd += ["--limit", str(limits[metric])] if metric in limits else []
             cmd += [] if metric == "infill" else ["--max-new-tokens", str(args.max_new_tokens)]
+            cmd += ["--data", args.data] if metric == "syntax" and args.data else []
             cmd += setting_flags(label, args.max_new_tokens, metric) + flags if kind == "diffusion" else []
             commands[label, metric] = (cmd, out)
     with ThreadPoolExecutor(args.jobs) as pool:

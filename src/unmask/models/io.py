@@ -139,7 +139,7 @@ def fold_factors(state: dict[str, torch.Tensor], source: str = "state") -> dict[
     """``state`` with each pair ``X.delta_a`` [out, r], ``X.delta_b`` [r, in] added into its weight
     (``X`` itself, or ``X.weight`` when ``X`` names a layer): ``W + A @ B``, in W's dtype."""
     folded = {k: v for k, v in state.items() if not k.endswith(FACTOR_SUFFIXES)}
-    for key, b in state.items():
+    for key in state:
         if key.endswith(".delta_b") and key[: -len(".delta_b")] + ".delta_a" not in state:
             raise UnmaskError(f"{source}: {key} has no {key[: -len('.delta_b')]}.delta_a")
     for key, a in state.items():

@@ -2,10 +2,11 @@
 
 The base matrix ``W`` stays frozen; only ``A`` [out, R] and ``B`` [R, in] (and the norms) train.
 What trains is then exactly what ships: a delta of rank-R factors over the base (``models.delta``),
-with no truncation error from a singular value decomposition made after full fine-tuning. It is
-also cheaper per step: the input goes through ``B`` then ``A`` (2R(in + out) multiply-adds a token
-beside the frozen product), and the backward pass needs no [out, in] weight gradient, about a
-third of a full fine-tuning step's work.
+with no truncation error from a singular value decomposition made after full fine-tuning. The
+input goes through ``B`` then ``A`` (2R(in + out) multiply-adds a token beside the frozen
+product), so the backward pass needs no [out, in] weight gradient and the optimizer keeps state
+for the factors only; on a 2-core CPU that did not make a step of SmolLM2-135M measurably faster
+(docs/training.md has the figures), so the reason to use it is what ships.
 
 A fresh start has ``A = 0`` (the model is its base at step 0) and ``B`` random. ``init_delta``
 starts from an earlier delta instead (a directory over the same base, e.g. a shipped model):
