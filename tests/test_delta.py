@@ -62,3 +62,30 @@ def test_low_rank_delta_is_the_truncated_svd(tmp_path, tiny_tokenizer):
     full = (adapted.layers[1].attn.o_proj.weight - base.layers[1].attn.o_proj.weight).detach()
     assert torch.linalg.matrix_rank(kept.double(), tol=1e-6) == 4
     assert float(torch.linalg.norm(full - kept) / torch.linalg.norm(full)) == pytest.approx(errors["layers.1.attn.o_proj.weight"], abs=1e-4)
+
+
+def test_a_half_precision_delta_keeps_its_norms_in_float32(tmp_path, tiny_tokenizer):
+    """Factors in float16 round to 11 bits; norms (vectors, tiny) are stored whole in float32."""
+    from unmask.models.io import read_safetensors
+
+    base_file = tmp_path / "base.gguf"
+    write_gguf(base_file, "llama", source_model("llama", tiny_tokenizer), tiny_tokenizer, "F32")
+    base, _ = load_gguf(base_file)
+    adapted = Transformer(ModelConfig(**{**base.config.__dict__, "extra": {}}))
+    adapted.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w = adapted.layers[0].attn.q_proj.weight
+        w.add_(torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) * 0.01)
+        adapted.norm.weight.mul_(1 + 1e-3 * torch.randn(adapted.norm.weight.shape, generator=g))
+    for dtype in (torch.float16, torch.bfloat16):
+        out = tmp_path / str(dtype)
+        save_delta(adapted, str(base_file), base_file, base.state_dict(), out, dtype=dtype, rank=2)
+        stored = read_safetensors(out / "delta.safetensors")
+        assert stored["norm.weight"].dtype == torch.float32
+        assert stored["layers.0.attn.q_proj.weight.delta_a"].dtype == dtype
+        tiny_tokenizer.save(out)
+        loaded = unmask.load(out, device="cpu").model
+        assert torch.equal(loaded.norm.weight, adapted.norm.weight)
+        error = float((loaded.layers[0].attn.q_proj.weight - w).abs().max() / (w - base.layers[0].attn.q_proj.weight).abs().max())
+        assert error < (2e-3 if dtype == torch.float16 else 1.6e-2), (dtype, error)

@@ -74,8 +74,8 @@ def save_delta(
             delta[f"{name}.delta_a"], delta[f"{name}.delta_b"] = a, b
         else:
             delta[name] = tensor
-    if dtype is not None:
-        delta = {k: v.to(dtype) if v.is_floating_point() else v for k, v in delta.items()}
+    if dtype is not None:  # matrices' factors in ``dtype``; vectors (norms) stay float32, they are tiny
+        delta = {k: v.to(dtype) if v.is_floating_point() and v.dim() > 1 else v.float() for k, v in delta.items()}
     model.config.save(directory / CONFIG_NAME)
     atomic_save_file({k: v.contiguous() for k, v in delta.items()}, directory / DELTA_NAME)
     record = {"base": base_name, "file": base_path.name, "sha256": file_sha256(base_path), "rank": rank,
