@@ -36,7 +36,6 @@ from unmask.train.build import BuildOptions, build_shards, tokenizer_hash
 from unmask.train.checkpoint import gather_model_state, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from unmask.train.config import TrainConfig, TrainSection, fingerprint_hash, load_train_config, lora_rank
 from unmask.train.corpus import corpus_files
-from unmask.train.lora import attach, start_from_delta
 from unmask.train.data import TokenData, TokenWindows, shard_data, step_torch_generator, token_files_data
 from unmask.train.distributed import (
     DistContext,
@@ -50,6 +49,7 @@ from unmask.train.distributed import (
     unwrap,
     wrap_model,
 )
+from unmask.train.lora import attach, start_from_delta
 from unmask.train.metrics import MetricsLog, Progress
 from unmask.train.sft import SFTData, build_sft, sft_data, sft_windows
 from unmask.train.shards import read_manifest
