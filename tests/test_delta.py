@@ -10,6 +10,7 @@ from unmask.errors import UnmaskError
 from unmask.models.config import ModelConfig
 from unmask.models.delta import BASE_NAME, load_delta, save_delta
 from unmask.models.gguf import load_gguf
+from unmask.models.io import read_safetensors
 from unmask.models.transformer import Transformer
 
 from test_gguf_read import source_model, write_gguf
@@ -40,12 +41,18 @@ def test_delta_round_trip_over_a_gguf_base(tmp_path, tiny_tokenizer):
         unmask.load(tmp_path / "adapted")
 
 
-def test_low_rank_delta_is_the_truncated_svd(tmp_path, tiny_tokenizer):
+def base_and_copy(tmp_path, tokenizer):
+    """A tiny llama GGUF base, its model, and a copy of that model to change."""
     base_file = tmp_path / "base.gguf"
-    write_gguf(base_file, "llama", source_model("llama", tiny_tokenizer), tiny_tokenizer, "F32")
+    write_gguf(base_file, "llama", source_model("llama", tokenizer), tokenizer, "F32")
     base, _ = load_gguf(base_file)
     adapted = Transformer(ModelConfig(**{**base.config.__dict__, "extra": {}}))
     adapted.load_state_dict(base.state_dict())
+    return base_file, base, adapted
+
+
+def test_low_rank_delta_is_the_truncated_svd(tmp_path, tiny_tokenizer):
+    base_file, base, adapted = base_and_copy(tmp_path, tiny_tokenizer)
     g = torch.Generator().manual_seed(0)
     w = adapted.layers[0].mlp.gate_proj.weight  # [128, 64]: a rank-3 change, exactly recoverable at rank 4
     change = torch.randn(128, 3, generator=g) @ torch.randn(3, 64, generator=g) * 0.01
@@ -66,13 +73,7 @@ def test_low_rank_delta_is_the_truncated_svd(tmp_path, tiny_tokenizer):
 
 def test_a_half_precision_delta_keeps_its_norms_in_float32(tmp_path, tiny_tokenizer):
     """Factors in float16 round to 11 bits; norms (vectors, tiny) are stored whole in float32."""
-    from unmask.models.io import read_safetensors
-
-    base_file = tmp_path / "base.gguf"
-    write_gguf(base_file, "llama", source_model("llama", tiny_tokenizer), tiny_tokenizer, "F32")
-    base, _ = load_gguf(base_file)
-    adapted = Transformer(ModelConfig(**{**base.config.__dict__, "extra": {}}))
-    adapted.load_state_dict(base.state_dict())
+    base_file, base, adapted = base_and_copy(tmp_path, tiny_tokenizer)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         w = adapted.layers[0].attn.q_proj.weight
