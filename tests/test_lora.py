@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import unmask
+from unmask.diffusion.adapt import adapt_loss
 from unmask.errors import UnmaskError
 from unmask.models.delta import load_delta, save_delta
 from unmask.models.io import fold_factors, load_model
@@ -15,8 +16,6 @@ from unmask.train.checkpoint import list_checkpoints
 from unmask.train.config import load_train_config
 from unmask.train.lora import LowRankLinear, attach, balanced, low_rank_layers, start_from_delta
 from unmask.train.trainer import run_training
-
-from unmask.diffusion.adapt import adapt_loss
 
 from conftest import CODE, make_model_dir
 from test_adapt import batch, model_of

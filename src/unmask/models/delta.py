@@ -44,6 +44,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def made_over(record: dict[str, Any], name: str) -> bool:
+    """Whether the delta of ``base.json`` ``record`` was made over the model ``name``: the SHA-256 of
+    the file it resolves to, or (a directory) the recorded name."""
+    from unmask.hub import resolve_model
+
+    path = resolve_model(name)
+    return record.get("sha256") == file_sha256(path) if path.is_file() else record.get("base") == name
+
+
 def changed_tensors(model: Transformer, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of ``model`` that differ from ``base`` (tied head left out)."""
     state = cast_state(model.state_dict(), model.config)
@@ -94,9 +103,8 @@ def load_delta(directory: Path, device: torch.device | str = "cpu", dtype: torch
     name, sha = record.get("base"), record.get("sha256")
     if not isinstance(name, str) or not isinstance(sha, str):
         raise UnmaskError(f"{directory / BASE_NAME}: needs the strings 'base' and 'sha256'")
-    path = resolve_model(name)
-    if path.is_file() and file_sha256(path) != sha:
-        raise UnmaskError(f"{directory}: its base {name} ({path}) is not the file it was trained from (SHA-256 differs)")
+    if not made_over(record, name):
+        raise UnmaskError(f"{directory}: its base {name} ({resolve_model(name)}) is not the file it was trained from (SHA-256 differs)")
     config = ModelConfig.load(directory / CONFIG_NAME)
     base = load(name, device="cpu", dtype=torch.float32).model
     state = {k: v for k, v in base.state_dict().items() if not (config.tie_embeddings and k == "head.weight")}

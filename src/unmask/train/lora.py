@@ -91,16 +91,14 @@ def start_from_delta(model: Transformer, directory: str | Path, base: str) -> No
     """Seed the low-rank layers and whole tensors of an ``attach``-ed model from a delta directory
     over ``base`` (the run's ``init_from``, whose weights the model holds)."""
     from unmask.files import read_json_object
-    from unmask.hub import resolve_model
-    from unmask.models.delta import BASE_NAME, DELTA_NAME, file_sha256
+    from unmask.models.delta import BASE_NAME, DELTA_NAME, made_over
     from unmask.models.io import read_safetensors
 
     directory = Path(directory)
     if not (directory / BASE_NAME).is_file():
         raise UnmaskError(f"[train] init_delta {directory}: not a delta directory (no {BASE_NAME})")
     record = read_json_object(directory / BASE_NAME, missing_ok=False)
-    path = resolve_model(base)
-    if record.get("sha256") != file_sha256(path) if path.is_file() else record.get("base") != base:
+    if not made_over(record, base):
         raise UnmaskError(f"[train] init_delta {directory}: a delta over {record.get('base')!r}, not over init_from {base!r}")
     delta = read_safetensors(directory / DELTA_NAME)
     layers = low_rank_layers(model)
@@ -118,15 +116,8 @@ def start_from_delta(model: Transformer, directory: str | Path, base: str) -> No
                 layer.set_factors(tensor.float(), factor.float())
             except ValueError as exc:
                 raise UnmaskError(f"[train] init_delta {directory}: {weight}: {exc}") from None
-        elif key in params and params[key].shape == tensor.shape:
+        elif key in params and params[key].shape == tensor.shape:  # a norm, or a whole changed (frozen) matrix
             with torch.no_grad():
                 params[key].copy_(tensor.float())
-        elif key.endswith(".weight") and key[: -len(".weight")] in layers:
-            # a whole changed matrix: the frozen weight becomes it, so the model starts where the delta is
-            layer = layers[key[: -len(".weight")]]
-            if layer.weight.shape != tensor.shape:
-                raise UnmaskError(f"[train] init_delta {directory}: {key} has shape {tuple(tensor.shape)}")
-            with torch.no_grad():
-                layer.weight.copy_(tensor.float())
         else:
             raise UnmaskError(f"[train] init_delta {directory}: tensor {key} is not in the model")
