@@ -1,5 +1,6 @@
 """``unmask data build`` (source files -> token shards for `unmask train`) and ``data sft-pairs``
-(functions -> SFT pairs, ``unmask.train.mine``)."""
+(functions -> SFT pairs, ``unmask.train.mine``) and ``data distill`` (those pairs answered by an AR
+teacher, ``unmask.train.distill``)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ def setup_arg_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_actions(actions: argparse._SubParsersAction) -> None:
-    from unmask.train import mine
+    from unmask.train import distill, mine
 
     command(actions, "build", "tokenise source files into memory-mapped token shards", add_build_arguments, main,
             runs_model=False)
     command(actions, "sft-pairs", "mine SFT pairs (docstring -> function) from Python files", mine.add_arguments, mine.main,
             runs_model=False)
+    command(actions, "distill", "replace SFT answers with an AR teacher's greedy ones (sequence-level distillation)",
+            distill.add_arguments, distill.main)
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
