@@ -5,7 +5,9 @@
 
 Prompts are function headers (signature + docstring) from the held-out split of the training
 shards (``--data``; the same files `unmask eval syntax` draws from), each continued by 128 new
-tokens, greedy, end-of-text ignored so every run writes the same number of tokens. Per setting it
+tokens, greedy, end-of-text ignored so every run writes the same number of tokens (with
+``--stop-at-eos`` an answer ends at its EOS instead, and counts the tokens before it: a model
+trained to end its answers would otherwise be timed writing filler after them). Per setting it
 reports forward passes (NFE), tokens per forward (TPF), ms per forward, tokens/s, and the ratio to
 the base's AR decoding in unmask measured in the same run (reference loop and the static-shape
 fast path); with ``--llama-bench`` (the binary from scripts/build_llama_cpp.sh) llama.cpp's tg128
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--settings", default="threshold=0.9,threshold=0.7,threshold=0.5,tps=1,tps=2,tps=4")
     parser.add_argument("--llama-bench", default=".cache/llama.cpp/bin/llama-bench")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="end each answer at its EOS (tokens counted up to it) instead of writing --gen tokens")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,7 +92,7 @@ def main() -> None:
             tokens += len(result.sequences[0])
         samples.setdefault(label, []).append({"seconds": seconds, "nfe": nfe, "tokens": tokens})
 
-    ar_config = GenerationConfig(max_new_tokens=args.gen, stop_at_eos=False)
+    ar_config = GenerationConfig(max_new_tokens=args.gen, stop_at_eos=args.stop_at_eos)
     for round_ in range(args.rounds):
         run("AR base, reference", lambda ids: ar_generate(base.model, [ids], ar_config))
         run("AR base, fast path", lambda ids: fast_ar.generate([ids], ar_config))
@@ -96,7 +100,7 @@ def main() -> None:
             fields = dict(fields)
             per_step = fields.pop("tokens_per_step", None)
             steps = None if per_step is None else -(-args.gen // per_step)
-            config = GenerationConfig(max_new_tokens=args.gen, stop_at_eos=False, cache="prefix", steps=steps,
+            config = GenerationConfig(max_new_tokens=args.gen, stop_at_eos=args.stop_at_eos, cache="prefix", steps=steps,
                                       block_size=model.model.config.block_size, **fields)
             run(f"diffusion, {label}", lambda ids, c=config: decode(model.model, [ids], c))
     rows = []
@@ -123,7 +127,7 @@ def main() -> None:
         print(f"llama.cpp llama-bench tg128 on {gguf.name}, {args.threads} threads: {peer:.1f} tok/s")
     if args.json:
         record = {"rows": rows, "llama_cpp_tg128": peer, "threads": args.threads, "prompts": len(prompts), "gen": args.gen,
-                  "torch": torch.__version__, "load_average": os.getloadavg()[0], "model": args.model, "base": args.base}
+                  "stop_at_eos": args.stop_at_eos, "torch": torch.__version__, "load_average": os.getloadavg()[0], "model": args.model, "base": args.base}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -62,8 +62,8 @@ def test_the_default_is_the_base_adapted_into_block_diffusion(default) -> None:
 
 def test_the_default_decodes_the_same_with_its_exact_block_cache(default) -> None:
     ids = default.tokenizer.encode("def add(a, b):\n    return")
-    plain = decode(default.model, [ids], GenerationConfig(max_new_tokens=8, block_size=4))
-    cached = decode(default.model, [ids], GenerationConfig(max_new_tokens=8, block_size=4, cache="prefix"))
+    plain = decode(default.model, [ids], GenerationConfig(max_new_tokens=8, block_size=4, stop_at_eos=False))
+    cached = decode(default.model, [ids], GenerationConfig(max_new_tokens=8, block_size=4, cache="prefix", stop_at_eos=False))
     assert plain.sequences == cached.sequences and len(plain.sequences[0]) == 8
 
 

@@ -82,9 +82,11 @@ def shard_split_files(shards: str | Path, split: str = "val") -> list[str]:
 
 @dataclass
 class DistillResult:
+    """What a run (with the runs it resumed) did."""
+
     out: Path
-    done: int = 0  # prompts answered or dropped, over all runs
-    counts: Counter = field(default_factory=Counter)  # written / no_end / empty / held_out
+    done: int = 0  # selected prompts answered or dropped, over all runs
+    counts: Counter = field(default_factory=Counter)  # written, no_end, empty, long_prompt; held_out, duplicate_prompt, chat_record
 
     def summary_rows(self) -> list[tuple[str, str]]:
         return [("prompts done", f"{self.done:,}")] + [(k, f"{v:,}") for k, v in sorted(self.counts.items())]

@@ -158,7 +158,8 @@ def record_hash(record: dict[str, Any]) -> bytes:
     return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).digest()
 
 
-def _is_val(digest: bytes, fraction: float) -> bool:
+def is_val(digest: bytes, fraction: float) -> bool:
+    """Whether the record whose SHA-256 is ``digest`` is held out (its first 64 bits, as a fraction, below ``fraction``)."""
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
@@ -227,7 +228,7 @@ def build_sft(
             counts["duplicate"] += 1
         else:
             seen.add(digest)
-            split = "val" if val_path is None and _is_val(digest, val_fraction) else "train"
+            split = "val" if val_path is None and is_val(digest, val_fraction) else "train"
             rows[split].append((prompt, answer))
     out.mkdir(parents=True, exist_ok=True)
     examples, tokens = {}, {}
