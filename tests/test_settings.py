@@ -88,7 +88,8 @@ def test_the_flags_help_is_the_declared_help():
 def test_help_and_version_leave_torch_unimported():
     """Also the help of the commands that run no model: only a command that decodes builds decoding flags."""
     code = ("import sys, unmask.cli\n"
-            "for argv in (['--help'], ['--version'], ['pull', '--help'], ['data', 'build', '--help']):\n"
+            "for argv in (['--help'], ['--version'], ['pull', '--help'], ['data', 'build', '--help'],\n"
+            "             ['data', 'distill', '--help']):\n"
             "    try:\n        unmask.cli.main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
             "print(sorted(m for m in ('torch', 'numpy', 'unmask.decoding') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

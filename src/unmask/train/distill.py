@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from unmask.errors import UnmaskError
-from unmask.train.sft import read_records, record_hash
 
 PROGRESS_FORMAT = "unmask-distill-1"
 
@@ -95,6 +94,8 @@ class DistillResult:
 def select_prompts(pairs: str | Path, limit: int | None, held_out: frozenset[str] = frozenset()
                    ) -> tuple[list[str], Counter]:
     """The prompts to answer, in SHA-256 order, and how many were left out and why."""
+    from unmask.train.sft import read_records, record_hash  # numpy and torch: not for `unmask data --help`
+
     counts: Counter = Counter()
     keyed = []
     for _, record in read_records(pairs):
