@@ -108,5 +108,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, pairs: Path) -> None:
     (tmp_path / "taken.jsonl").write_text("{}\n")
     with pytest.raises(UnmaskError, match="not a resumable"):
         distill(pairs, TEACHER, tmp_path / "taken.jsonl")
+    with pytest.raises(UnmaskError, match="at least 1"):
+        distill(pairs, TEACHER, tmp_path / "o.jsonl", limit=0)
     with pytest.raises(UnmaskError, match="AR"):
         distill(pairs, "coder-nano-cpu", tmp_path / "o.jsonl", max_new_tokens=4)

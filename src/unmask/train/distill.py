@@ -148,7 +148,7 @@ def distill(
     from unmask.models.config import AttentionMode
 
     pairs, out = Path(pairs), Path(out)
-    if min(max_new_tokens, batch_size, limit or 1, max_prompt_tokens or 1) < 1:
+    if min(max_new_tokens, batch_size, *(n for n in (limit, max_prompt_tokens) if n is not None)) < 1:
         raise UnmaskError("max_new_tokens, batch_size, limit and max_prompt_tokens must be at least 1")
     exclude = sorted(str(p) for p in exclude)
     settings = {"max_new_tokens": max_new_tokens, "limit": limit, "exclude": exclude, "batch_size": batch_size,
