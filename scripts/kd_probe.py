@@ -1,7 +1,10 @@
 """How closely a diffusion student reproduces its AR teacher's answers, and in how few steps.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/kd_probe.py --pairs runs/sft/smollm2-kd.jsonl \
-        --model default --model runs/smollm2-coder-kd/checkpoints/step-00000040 --thresholds 0.9,0.7
+        --model default --model runs/kd-delta --thresholds 0.9,0.5,0.3
+
+``--model`` takes anything ``unmask.load`` reads with a tokenizer: a name, a run's ``final/``, or a
+delta made from a checkpoint with ``scripts/make_delta.py --tokenizer`` (checkpoints hold no tokenizer).
 
 The prompts are the held-out examples of an `unmask data distill` output (the ones the SFT
 trainer keeps out: ``val_fraction`` of them by record hash), whose completions are the teacher's

@@ -13,10 +13,13 @@ translation).
   answer has not ended within ``max_new_tokens`` is dropped and counted (``no_end``), so no answer
   is cut mid-function; so is an empty one.
 - **Which prompts**: the input's prompt/completion records, ordered by their SHA-256 (a uniform
-  sample that does not depend on the file's order), the first ``limit`` of them. ``exclude``
-  names files whose text no prompt may come from (e.g. an evaluation's held-out split): a prompt
-  all of whose lines (stripped) occur in them is dropped (``held_out``); ``max_prompt_tokens`` drops
-  longer prompts (``long_prompt``), which would not fit a training window anyway.
+  sample that does not depend on the file's order), the first ``limit`` of them.
+  ``max_prompt_tokens`` drops longer prompts (``long_prompt``), which would not fit a training
+  window anyway.
+- **Held-out text**: ``exclude`` names files, directories or token-shard builds whose text no
+  prompt may come from; a build stands for its validation files, read as the evaluations read
+  them (``unmask.eval.heldout``). A prompt all of whose lines (stripped) occur in that text is
+  dropped (``held_out``).
 - **Resumable**: answers are written in batches; after each batch the output is flushed and
   ``OUT.progress.json`` records how many prompts are done and the output's size. Running the same
   command again truncates the output to that size and goes on; a finished run is a no-op. Other
@@ -57,26 +60,16 @@ def function_body(text: str) -> tuple[str, bool]:
     return (body + "\n" if body else ""), ended
 
 
-def held_out_lines(paths: Iterable[str | Path]) -> frozenset[str]:
-    """Every stripped, non-blank line of the given files (unreadable ones are an error)."""
+def held_out_lines(sources: Iterable[str | Path]) -> frozenset[str]:
+    """Every stripped, non-blank line of the held-out documents of ``sources``: each a file, a
+    directory, or an ``unmask data build`` output (its validation files, as the evaluations read them)."""
+    from unmask.eval.heldout import heldout_documents  # numpy: not for `unmask data --help`
+
     lines: set[str] = set()
-    for path in paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise UnmaskError(f"{path}: cannot read a held-out file ({exc.strerror or exc})") from None
-        lines.update(s for s in (line.strip() for line in text.splitlines()) if s)
+    for source in sources:
+        for _, text in heldout_documents({}, [str(source)]).documents:
+            lines.update(s for s in (line.strip() for line in text.splitlines()) if s)
     return frozenset(lines)
-
-
-def shard_split_files(shards: str | Path, split: str = "val") -> list[str]:
-    """The source files of one split of an ``unmask data build`` output, from its manifest."""
-    manifest = Path(shards) / "manifest.json"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UnmaskError(f"{manifest}: not a token-shard manifest ({exc})") from None
-    return sorted({f["path"] for f in files if f.get("split") == split and f.get("record") in (None, 0)})
 
 
 @dataclass
@@ -232,14 +225,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="answer at most this many prompts (a uniform sample by hash)")
     p.add_argument("--max-prompt-tokens", type=int, help="drop longer prompts (counted as long_prompt)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATH",
-                   help="a file no prompt may come from (repeatable)")
+                   help="a file or directory no prompt may come from (repeatable)")
     p.add_argument("--exclude-split", metavar="SHARDS",
                    help="exclude every source file of the validation split of this `unmask data build` output")
 
 
 def main(args: argparse.Namespace) -> DistillResult:
     """Run ``unmask data distill`` and print its summary."""
-    exclude = list(args.exclude) + (shard_split_files(args.exclude_split) if args.exclude_split else [])
+    exclude = list(args.exclude) + ([args.exclude_split] if args.exclude_split else [])
 
     def report(done: int, total: int) -> None:
         print(f"\r{done:,}/{total:,} prompts", end="" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
